@@ -1,0 +1,184 @@
+"""The GLaM-style decoder: embeddings, scanned blocks of (MoE layer + dense layers), final norm, logits, loss.
+
+Owns: model assembly, the training loss, and the analytic parameter / FLOP counts. Layers live in
+moe/layers.py (dense) and moe/moe_layer.py (experts).
+
+GLaM interleave (Du et al. 2021, §3): with `moe_every: N` a *block* is N layers whose first FFN is an MoE
+FFN and the others dense (N=2 is GLaM, N=1 all-MoE like Mixtral). All blocks are identical, so they are
+created with `nnx.vmap` (params get a leading 'layers' axis) and applied with `nnx.scan`: compile time
+does not grow with depth. `scan_layers: false` applies the same stacked params block by block (for tests
+and debugging).
+
+Shape key: B batch, T length, D model, V vocab, L blocks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe import config as C
+from moe.config import ModelConfig
+from moe.layers import FFN, Attention, Embed, RMSNorm, param
+from moe.moe_layer import MoEFFN
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the block in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def compute_dtype(cfg: ModelConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+class Layer(nnx.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + ffn(norm(x)) with a dense or MoE FFN."""
+
+    def __init__(self, cfg: ModelConfig, is_moe: bool, rngs: nnx.Rngs):
+        dtype = compute_dtype(cfg)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.num_heads, C.kv_heads(cfg), C.head_dim(cfg), qk_norm=cfg.qk_norm,
+                              rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoEFFN(cfg, dtype, rngs) if is_moe else FFN(cfg.d_model, cfg.d_ff, cfg.ffn_act, dtype, rngs)
+        self.is_moe = is_moe
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, *, train: bool, rng) -> tuple[jax.Array, dict]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+        h = self.ffn_norm(x_BTD)
+        if self.is_moe:
+            y, aux = self.ffn(h, train=train, rng=rng)
+        else:
+            y, aux = self.ffn(h), {}
+        return x_BTD + y.astype(x_BTD.dtype), aux
+
+
+class Block(nnx.Module):
+    """One repeat unit of the stack: `moe_every` layers, the first with an MoE FFN (a single dense layer if dense)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.layers = nnx.List([Layer(cfg, C.layer_is_moe(cfg, i), rngs) for i in range(C.block_size(cfg))])
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, *, train: bool, rng) -> tuple[jax.Array, dict]:
+        aux = {}
+        for layer in self.layers:
+            x_BTD, layer_aux = layer(x_BTD, positions_BT, segment_ids_BT, train=train, rng=rng)
+            aux.update(layer_aux)
+        return x_BTD, aux
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = compute_dtype(cfg)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, dtype, rngs)
+        self.num_blocks = cfg.num_layers // C.block_size(cfg)
+
+        @nnx.split_rngs(splits=self.num_blocks)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head_DV = None if cfg.tie_embeddings else param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, train: bool = False,
+                 rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """Logits [B, T, V] in fp32 and aux: each MoE metric stacked over blocks ([L] or [L, E])."""
+        b, t = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((b, t), jnp.int32)
+        rng = jax.random.key(0) if rng is None else rng
+        keys_L = jax.random.split(rng, self.num_blocks)
+        x_BTD = self.embed(tokens_BT)
+
+        def body(x, block: Block, key):
+            return block(x, positions_BT, segment_ids_BT, train=train, rng=key)
+
+        if self.cfg.remat != "none":
+            body = nnx.remat(body, policy=REMAT_POLICIES[self.cfg.remat])
+        if self.cfg.scan_layers:
+            x_BTD, aux = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(x_BTD, self.blocks, keys_L)
+        else:
+            graphdef, state = nnx.split(self.blocks)
+            per_block = []
+            for i in range(self.num_blocks):
+                block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+                x_BTD, block_aux = body(x_BTD, block, keys_L[i])
+                per_block.append(block_aux)
+            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_block) if per_block[0] else {}
+
+        x_BTD = self.final_norm(x_BTD)
+        logits = self.embed.attend(x_BTD) if self.head_DV is None else jnp.einsum(
+            "BTD,DV->BTV", x_BTD.astype(self.embed.dtype), self.head_DV[...].astype(self.embed.dtype),
+            preferred_element_type=jnp.float32)
+        return logits.astype(jnp.float32), aux
+
+
+def loss_fn(model: Decoder, batch: dict, *, train: bool, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Weighted next-token cross-entropy + weighted router losses (+ optional output-logit z-loss).
+
+    The router losses are averaged over MoE layers, so their weights mean the same at any depth.
+    Returns (total loss, metrics) with `loss` = the cross-entropy alone (what eval reports).
+    """
+    cfg = model.cfg
+    logits_BTV, aux = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), train=train, rng=rng)
+    weights_BT = batch["weights"].astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+    denom = jnp.maximum(jnp.sum(weights_BT), 1.0)
+    ce = jnp.sum((lse_BT - target_logit_BT) * weights_BT) / denom
+    metrics = {"loss": ce, "tokens": jnp.sum(weights_BT)}
+    total = ce
+    if cfg.logit_z_loss > 0:
+        logit_z = jnp.sum(lse_BT**2 * weights_BT) / denom
+        total = total + cfg.logit_z_loss * logit_z
+        metrics["logit_z_loss"] = logit_z
+    if aux:
+        metrics["aux_loss"] = jnp.mean(aux["aux_loss"])
+        metrics["z_loss"] = jnp.mean(aux["router_z_loss"])
+        metrics["drop_fraction"] = jnp.mean(aux["drop_fraction"])
+        metrics["router_entropy"] = jnp.mean(aux["router_entropy"])
+        metrics["expert_load"] = aux["expert_load"]  # [L_moe, E]
+        total = total + cfg.aux_loss_weight * metrics["aux_loss"] + cfg.router_z_loss_weight * metrics["z_loss"]
+    metrics["total_loss"] = total
+    return total, metrics
+
+
+# --- analytic counts -----------------------------------------------------------------------------
+
+
+def param_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active-per-token) parameter counts, computed from the config without building the model.
+
+    Active counts the router, k routed experts and the shared experts of each MoE layer; everything else is
+    always active. Embedding tables are included in both (GLaM's Table 4 convention).
+    """
+    d, f, v, e, k = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.num_experts, cfg.top_k
+    hd, nh, kv = C.head_dim(cfg), cfg.num_heads, C.kv_heads(cfg)
+    attn = d * nh * hd * 2 + d * kv * hd * 2 + 2 * d + (2 * hd if cfg.qk_norm else 0)
+    dense_ffn = 3 * d * f
+    n_moe = sum(C.layer_is_moe(cfg, i) for i in range(cfg.num_layers))
+    n_dense = cfg.num_layers - n_moe
+    shared = 3 * d * f * cfg.num_shared_experts
+    moe_total = d * e + 3 * e * d * f + shared
+    moe_active = d * e + 3 * k * d * f + shared
+    emb = v * d * (1 if cfg.tie_embeddings else 2) + d
+    base = emb + cfg.num_layers * attn + n_dense * dense_ffn
+    return base + n_moe * moe_total, base + n_moe * moe_active
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6 * N_matmul + 12 * L * H * Q * T.
+
+    N_matmul is the active parameter count less the input-embedding lookup (no matmul) but with the output
+    projection (tied or not, it is a V x D matmul); the second term is attention's QK^T and AV.
+    """
+    _, active = param_counts(cfg)
+    lookup = cfg.vocab_size * cfg.d_model if not cfg.tie_embeddings else 0
+    return 6.0 * (active - lookup) + 12.0 * cfg.num_layers * cfg.num_heads * C.head_dim(cfg) * seq_len

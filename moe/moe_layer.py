@@ -1,0 +1,94 @@
+"""The mixture-of-experts FFN: route -> dispatch -> experts -> combine (GShard / GLaM / Switch).
+
+Owns: the expert weights, the router projection, and how the pure functions of moe/router.py and
+moe/dispatch.py compose. Returns (output, aux) where aux holds the losses and metrics of this layer.
+
+Shape key: B batch, T length, D model, F expert hidden, E experts, K top-k, C capacity per expert and group.
+
+Routing groups: with the capacity path each sequence is one routing group (capacity is per sequence), so
+results never depend on how the batch is split over devices. Under expert parallelism the [B, E, C, D]
+buffer is re-sharded from batch-split to expert-split: XLA lowers that to an all-to-all.
+The dropless path routes all B*T tokens as one group with `jax.lax.ragged_dot` (the grouped matmul kernel
+on TPU/GPU; on CPU it falls back to a dense masked matmul over all E groups, see PLATFORM.md).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe import dispatch as D
+from moe import router as R
+from moe.config import ModelConfig
+from moe.layers import FFN, gated_act, mm, param
+from moe.sharding import constrain
+
+
+class MoEFFN(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+        # The router is kept fp32 and small-initialised so that early routing is near uniform.
+        self.w_router_DE = param(rngs, (d, e), ("embed", None), std=cfg.init_std)
+        self.w_gate_EDF = param(rngs, (e, d, f), ("exp", "embed", "mlp"), fan_in=d)
+        self.w_up_EDF = param(rngs, (e, d, f), ("exp", "embed", "mlp"), fan_in=d)
+        self.w_down_EFD = param(rngs, (e, f, d), ("exp", "mlp", "embed"), fan_in=f)
+        self.shared = (FFN(d, f * cfg.num_shared_experts, cfg.ffn_act, dtype, rngs)
+                       if cfg.num_shared_experts else None)
+        self.cfg = cfg
+        self.dtype = dtype
+
+    def experts(self, x_GECD: jax.Array) -> jax.Array:
+        """Every expert's gated FFN on its slots: batched dots over [.., E, C, D]."""
+        g = mm("GECD,EDF->GECF", x_GECD, self.w_gate_EDF[...], self.dtype)
+        u = mm("GECD,EDF->GECF", x_GECD, self.w_up_EDF[...], self.dtype)
+        h = constrain(gated_act(g, u, self.cfg.ffn_act), ("act_batch_moe", "act_exp", None, "act_mlp"))
+        return mm("GECF,EFD->GECD", h, self.w_down_EFD[...], self.dtype)
+
+    def __call__(self, x_BTD: jax.Array, *, train: bool, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        cfg = self.cfg
+        b, t, d = x_BTD.shape
+        e, k = cfg.num_experts, cfg.top_k
+        x_router = x_BTD.astype(jnp.float32)
+        if train and cfg.router_jitter > 0 and rng is not None:
+            x_router = R.jitter(x_router, rng, cfg.router_jitter)
+        logits_BTE = jnp.einsum("BTD,DE->BTE", x_router, self.w_router_DE[...])
+        r = jax.vmap(lambda lg: R.route(lg, k, cfg.renormalize_gates))(logits_BTE)
+
+        if cfg.dispatch == "capacity":
+            factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
+            cap = D.capacity(t, e, k, factor, cfg.min_capacity)
+            slot_BTK, kept_BTK = jax.vmap(lambda ex: D.assign_slots(ex, e, cap))(r.experts_TK)
+            x_BECD = jax.vmap(lambda x, s: D.dispatch(x, s, e, cap))(x_BTD, slot_BTK)
+            x_BECD = constrain(x_BECD, ("act_batch", None, None, "act_embed"))
+            x_BECD = constrain(x_BECD, ("act_batch_moe", "act_exp", None, "act_embed"))  # all-to-all
+            y_BECD = self.experts(x_BECD)
+            y_BECD = constrain(y_BECD, ("act_batch_moe", "act_exp", None, "act_embed"))
+            y_BECD = constrain(y_BECD, ("act_batch", None, None, "act_embed"))  # all-to-all back
+            y_BTD = jax.vmap(D.combine)(y_BECD, slot_BTK, r.gates_TK, kept_BTK)
+            drop_fraction = 1.0 - jnp.mean(kept_BTK.astype(jnp.float32))
+        else:
+            experts_SK = r.experts_TK.reshape(b * t, k)
+            order, token_S, sizes_E = D.sort_by_expert(experts_SK, e)
+            x_SD = x_BTD.reshape(b * t, d)[token_S]
+            g = jax.lax.ragged_dot(x_SD.astype(self.dtype), self.w_gate_EDF[...].astype(self.dtype), sizes_E,
+                                   preferred_element_type=jnp.float32)
+            u = jax.lax.ragged_dot(x_SD.astype(self.dtype), self.w_up_EDF[...].astype(self.dtype), sizes_E,
+                                   preferred_element_type=jnp.float32)
+            h = gated_act(g, u, cfg.ffn_act).astype(self.dtype)
+            y_SD = jax.lax.ragged_dot(h, self.w_down_EFD[...].astype(self.dtype), sizes_E,
+                                      preferred_element_type=jnp.float32)
+            y_BTD = D.unsort_combine(y_SD, order, r.gates_TK.reshape(b * t, k)).reshape(b, t, d)
+            drop_fraction = jnp.zeros((), jnp.float32)
+
+        if self.shared is not None:
+            y_BTD = y_BTD + self.shared(x_BTD)
+        flat = R.Routing(*(a.reshape(b * t, -1) for a in r))
+        aux = {
+            "aux_loss": R.load_balance_loss(flat),
+            "router_z_loss": R.router_z_loss(flat),
+            "expert_load": R.expert_fraction(flat.experts_TK, e),
+            "drop_fraction": drop_fraction,
+            "router_entropy": R.router_entropy(flat),
+        }
+        return y_BTD.astype(x_BTD.dtype), aux
