@@ -163,8 +163,19 @@ def batch_shardings(setup: Setup) -> dict:
 
 def make_train_step(setup: Setup) -> Callable:
     """jit(train_step) with the state's shardings in and out, the state donated."""
-    return jax.jit(train_step_fn(setup), in_shardings=(setup.state_shardings, batch_shardings(setup)),
-                   out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+    return _in_mesh(setup.mesh, jax.jit(train_step_fn(setup), in_shardings=(setup.state_shardings, batch_shardings(setup)),
+                                        out_shardings=(setup.state_shardings, None), donate_argnums=(0,)))
+
+
+def _in_mesh(mesh: Mesh, fn: Callable) -> Callable:
+    """Calls (and so traces) `fn` with `mesh` set, so the model's logical `constrain` hints resolve."""
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    call.jitted = fn  # for .lower() in AOT compilation and HLO inspection
+    return call
 
 
 def make_eval_step(setup: Setup) -> Callable:
@@ -177,8 +188,7 @@ def make_eval_step(setup: Setup) -> Callable:
             out["bytes"] = jnp.sum(batch["target_bytes"])
         return out
 
-    shard = {k: S.batch_sharding(setup.mesh, 2) for k in BATCH_KEYS + ("target_bytes",)}
-    return jax.jit(eval_step, in_shardings=(setup.param_shardings, None))
+    return _in_mesh(setup.mesh, jax.jit(eval_step, in_shardings=(setup.param_shardings, None)))
 
 
 def device_batch(setup: Setup, batch: dict) -> dict:
