@@ -24,6 +24,13 @@ from collections import deque
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again — the next start resumes from the checkpoint just written
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 1  # rolled back MAX_ROLLBACKS_PER_STEP times to the same step: lower optim.lr or fix the data
+MAX_ROLLBACKS_PER_STEP = 3
+# Fault-injection hooks for tests (docs/reliability.md); comma-separated 1-based step numbers. Each fires once
+# per process: NAN_STEPS give that step's batch NaN loss weights (a non-finite loss and gradients),
+# SPIKE_STEPS replace that step's targets by shifted tokens (a loss spike), SIGTERM_STEP sends this process
+# SIGTERM after that step (a preemption notice at a known step).
+FAULT_ENV = ("MOE_FAULT_NAN_STEPS", "MOE_FAULT_SPIKE_STEPS", "MOE_FAULT_SIGTERM_STEP")
 # Keys that may differ from the checkpoint's config on resume; any other difference is an error.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.progress",
                   "train.spike_factor", "train.spike_window", "train.init_from", "checkpoint.", "mesh.",
@@ -34,6 +41,34 @@ log = logging.getLogger("moe.train")
 
 class Preempted(Exception):
     pass
+
+
+class Diverged(RuntimeError):
+    """Training kept producing non-finite updates or loss spikes after rolling back."""
+
+
+def fault_steps(name: str) -> set[int]:
+    """The steps a fault-injection variable (FAULT_ENV) names; empty when unset."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        return {int(x) for x in raw.split(",") if x.strip()}
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected comma-separated step numbers") from None
+
+
+def inject_faults(batch: dict, step: int, faults: dict[str, set[int]], vocab_size: int) -> dict:
+    """Applies the MOE_FAULT_* hooks to the host batch of (1-based) `step`; a fired step is removed."""
+    import numpy as np
+
+    if step in faults["MOE_FAULT_NAN_STEPS"]:
+        faults["MOE_FAULT_NAN_STEPS"].discard(step)
+        log.warning("fault injection: NaN loss weights in the batch of step %d", step)
+        batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
+    if step in faults["MOE_FAULT_SPIKE_STEPS"]:
+        faults["MOE_FAULT_SPIKE_STEPS"].discard(step)
+        log.warning("fault injection: shifted targets (a loss spike) in the batch of step %d", step)
+        batch = dict(batch, targets=(batch["targets"] + vocab_size // 2 + 3) % vocab_size)
+    return batch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,6 +136,9 @@ def main(argv=None) -> int:
     except Preempted as e:
         print(f"stopped by {e}; checkpoint written — run the same command to resume", file=sys.stderr)
         return EXIT_PREEMPTED
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
 
@@ -198,8 +236,10 @@ def train(cfg, workdir: str) -> dict:
         stop_signal.append(signal.Signals(signum).name)
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    faults = {name: fault_steps(name) for name in FAULT_ENV}
     recent_losses: deque = deque(maxlen=cfg.train.spike_window)
     rollbacks = skipped_batches = 0
+    rollbacks_to: dict[int, int] = {}  # checkpoint step -> rollbacks to it (bounded by MAX_ROLLBACKS_PER_STEP)
     last = {}
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (is_main and cfg.train.progress),
                dynamic_ncols=True, desc="train")
@@ -208,10 +248,15 @@ def train(cfg, workdir: str) -> dict:
     pending = None  # metrics of the newest step, fetched only on log steps (no per-step host sync)
     try:
         while step < cfg.train.steps:
-            batch = TL.device_batch(setup, next(train_iter))
-            state, pending = train_step(state, batch)
+            host_batch = next(train_iter)
+            if faults["MOE_FAULT_NAN_STEPS"] or faults["MOE_FAULT_SPIKE_STEPS"]:
+                host_batch = inject_faults(host_batch, step + 1, faults, cfg.model.vocab_size)
+            state, pending = train_step(state, TL.device_batch(setup, host_batch))
             step += 1
             bar.update(1)
+            if step in faults["MOE_FAULT_SIGTERM_STEP"]:
+                faults["MOE_FAULT_SIGTERM_STEP"].discard(step)
+                os.kill(os.getpid(), signal.SIGTERM)
             is_log = step % cfg.train.log_every == 0 or step == cfg.train.steps
             is_eval = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps
             if is_log or is_eval or stop_signal:
@@ -220,28 +265,41 @@ def train(cfg, workdir: str) -> dict:
                 tps = (step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
                 t_log, step_log = now, step
                 loss = float(m["loss"])
-                bad = (not math.isfinite(loss)) or int(m["skipped_consecutive"]) >= cfg.optim.max_consecutive_skips
-                spike = (cfg.train.spike_factor > 0 and len(recent_losses) >= 3
+                # A non-finite loss alone is not bad: apply_if_finite skipped that update (counted in
+                # skipped_total). Bad is non-finite params, or so many skips in a row that the next
+                # non-finite update would be applied.
+                bad = (not math.isfinite(float(m["param_norm"]))
+                       or int(m["skipped_consecutive"]) >= cfg.optim.max_consecutive_skips)
+                spike = (not bad and math.isfinite(loss) and cfg.train.spike_factor > 0 and len(recent_losses) >= 3
                          and loss > cfg.train.spike_factor * statistics.median(recent_losses))
                 if bad or spike:
                     # GLaM's recipe: go back to the last good checkpoint and skip past the offending batches.
+                    what = "non-finite updates" if bad else "loss spike"
+                    checkpointer.wait()
                     it_state = train_iter.get_state()
                     back = checkpointer.restore_latest(setup.abstract_state, train_iter)
                     if back is None:
-                        raise RuntimeError(f"step {step}: loss {loss} is {'non-finite' if bad else 'a spike'} "
-                                           "and there is no checkpoint to roll back to")
+                        raise Diverged(f"step {step}: {what} (loss {loss:.4g}) and no checkpoint to roll back to; "
+                                       "lower optim.lr or save earlier (checkpoint.every)")
+                    rollbacks_to[back[0]] = rollbacks_to.get(back[0], 0) + 1
+                    if rollbacks_to[back[0]] > MAX_ROLLBACKS_PER_STEP:
+                        raise Diverged(f"step {step}: {what} (loss {loss:.4g}) after {MAX_ROLLBACKS_PER_STEP} "
+                                       f"rollbacks to step {back[0]}; lower optim.lr or check the data")
                     rollbacks += 1
                     skipped_batches += step - back[0]
                     log.warning("step %d: %s (loss %.4g); rolled back to step %d and skipped %d batches", step,
-                                "non-finite updates" if bad else "loss spike", loss, back[0], step - back[0])
+                                what, loss, back[0], step - back[0])
                     step, state = back[0], back[1]
                     train_iter.set_state(it_state)
+                    writer.truncate_after(step)  # metrics of the discarded steps go; `rollbacks` says why
                     bar.n = step
                     recent_losses.clear()
                     continue
-                recent_losses.append(loss)
+                if math.isfinite(loss):
+                    recent_losses.append(loss)
                 record = {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in m.items()}
-                record.update(tokens_per_sec=tps, mfu=tps * flops_tok / peak, rollbacks=rollbacks)
+                record.update(tokens_per_sec=tps, mfu=tps * flops_tok / peak, rollbacks=rollbacks,
+                              skipped_batches=skipped_batches)
                 if is_eval:
                     record.update(evaluate())
                 writer.write(step, record)
@@ -249,10 +307,11 @@ def train(cfg, workdir: str) -> dict:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop_signal:
                 save(step, force=True)
-            if stop_signal:
+            if stop_signal and step < cfg.train.steps:  # at the last step the run is simply done
                 checkpointer.wait()
                 raise Preempted(f"{stop_signal[0]} at step {step}")
         checkpointer.wait()
+        params_sha = _params_sha(state["params"])
     finally:
         bar.close()
         writer.close()
@@ -265,12 +324,31 @@ def train(cfg, workdir: str) -> dict:
         "bits_per_byte": last.get("eval_bits_per_byte"), "params_total": total_params,
         "params_active": active_params, "tokens": step * tokens_per_step,
         "flops": flops_tok * step * tokens_per_step, "wall_time_s": time.time() - t_start,
-        "rollbacks": rollbacks, "skipped_batches": skipped_batches, "done": True,
+        "rollbacks": rollbacks, "skipped_batches": skipped_batches, "params_sha": params_sha, "done": True,
     }
     if is_main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary
+
+
+def _params_sha(params) -> str | None:
+    """SHA-256 of the final params (leaf paths, dtypes, shapes and bytes): equal hashes = bit-identical runs.
+    None when this process does not hold every shard (multi-process runs)."""
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not all(leaf.is_fully_addressable for _, leaf in leaves):
+        return None
+    h = hashlib.sha256()
+    for path, leaf in leaves:
+        a = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _sha(path: str) -> str:

@@ -34,6 +34,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or no usable one exists where one is required."""
 
 
+# What a failed write raises: OSError from Python-side files, ValueError from TensorStore (e.g. "OUT_OF_RANGE:
+# ... File too large [os_error_code='27']" or ENOSPC), RuntimeError from Orbax's background commit thread.
+WRITE_ERRORS = (OSError, ValueError, RuntimeError)
+
+
+def _write_error(e: Exception) -> str:
+    """The one line of a (possibly multi-line, deeply chained) write error that says what failed."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    line = lines[0] if lines else type(e).__name__
+    return line if len(line) <= 300 else "..." + line[-300:]  # TensorStore puts the OS reason last
+
+
 def _is_remote(path: str) -> bool:
     return "://" in path
 
@@ -65,21 +77,33 @@ class Checkpointer:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
         try:
             return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
-        except OSError as e:
-            raise CheckpointError(f"could not write checkpoint step {step} under {self.dir}: {e}. "
-                                  "Free disk space or fix permissions; earlier checkpoints are untouched.") from e
+        except WRITE_ERRORS as e:  # a failed earlier async save surfaces here too (save waits for it first)
+            raise CheckpointError(f"could not write a checkpoint under {self.dir} ({_write_error(e)}); free disk "
+                                  f"space or fix permissions, then rerun: it resumes from step {self._committed()}, "
+                                  "earlier checkpoints are untouched") from e
 
     def wait(self) -> None:
         """Blocks until the pending async save has committed (raises what the background write raised)."""
         try:
             self.manager.wait_until_finished()
-        except OSError as e:
-            raise CheckpointError(f"checkpoint write under {self.dir} failed: {e}. "
-                                  "Earlier checkpoints are untouched.") from e
+        except WRITE_ERRORS as e:
+            raise CheckpointError(f"could not write a checkpoint under {self.dir} ({_write_error(e)}); free disk "
+                                  f"space or fix permissions, then rerun: it resumes from step {self._committed()}, "
+                                  "earlier checkpoints are untouched") from e
+
+    def _committed(self) -> str:
+        """The newest committed step, for messages (Orbax lists only committed, non-temporary steps)."""
+        try:
+            steps = self.steps()
+        except Exception:  # noqa: BLE001 - only for a message
+            return "the newest committed step"
+        return str(steps[-1]) if steps else "scratch (no committed checkpoint)"
 
     def close(self) -> None:
-        self.wait()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
     # --- restoring -------------------------------------------------------------------------------
 
