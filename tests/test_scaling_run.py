@@ -147,3 +147,25 @@ def test_tiny_sweep_run_collect_fit_plot(tmp_path, capsys):
     assert scaling.main(["plot", str(sweep_path), "--workdir", str(work)]) == 0
     for png in ("loss_vs_n.png", "residuals_chinchilla.png"):
         assert (work / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_from_a_synthetic_isoflop_sweep(tmp_path):
+    import numpy as np
+
+    from moe import scaling_fit as sf
+    from moe.scaling_plot import plot_all
+
+    true = {"E": 1.82, "A": 482.0, "B": 2085.0, "alpha": 0.348, "beta": 0.366}
+    rows = []
+    for c in (1e18, 1e19, 1e20):
+        for i, n in enumerate(sf.compute_optimal(true, c)["N_opt"] * np.geomspace(0.25, 4, 5)):
+            d = c / (6 * n)
+            rows.append(dict.fromkeys(scaling.COLUMNS) | {
+                "name": f"C{c:.0e}-{i}", "status": "done", "N_active": n, "N_total": 8 * n, "E": 8, "tokens": d,
+                "eval_loss": float(sf.chinchilla_loss(true, n, d)), "budget_flops": c})
+    fits = {"isoflop": scaling.fit_rows(rows, "isoflop", bootstrap=5),
+            "chinchilla": scaling.fit_rows(rows, "chinchilla", bootstrap=5)}
+    assert abs(fits["chinchilla"]["params"]["alpha"] - true["alpha"]) < 0.02
+    paths = plot_all(rows, fits, tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["isoflop.png", "loss_vs_n.png", "residuals_chinchilla.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
