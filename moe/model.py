@@ -46,7 +46,7 @@ class Layer(nnx.Module):
         self.is_moe = is_moe
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, *, train: bool, rng) -> tuple[jax.Array, dict]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT).astype(x_BTD.dtype)
         h = self.ffn_norm(x_BTD)
         if self.is_moe:
             y, aux = self.ffn(h, train=train, rng=rng)
