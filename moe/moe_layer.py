@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe import dispatch as D
-from moe import expert_parallel as EP
 from moe import router as R
 from moe.config import ModelConfig
 from moe.layers import FFN, gated_act, mm, param
@@ -30,7 +29,7 @@ class MoEFFN(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
         # The router is kept fp32 and small-initialised so that early routing is near uniform.
-        self.w_router_DE = param(rngs, (d, e), (None, None), std=cfg.init_std)  # tiny: replicated
+        self.w_router_DE = param(rngs, (d, e), ("embed", None), std=cfg.init_std)
         self.w_gate_EDF = param(rngs, (e, d, f), ("exp", "embed", "mlp"), fan_in=d)
         self.w_up_EDF = param(rngs, (e, d, f), ("exp", "embed", "mlp"), fan_in=d)
         self.w_down_EFD = param(rngs, (e, f, d), ("exp", "mlp", "embed"), fan_in=f)
@@ -66,14 +65,13 @@ class MoEFFN(nnx.Module):
             factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
             cap = D.capacity(t, e, k, factor, cfg.min_capacity)
             slot_BTK, kept_BTK = jax.vmap(lambda ex: D.assign_slots(ex, e, cap))(r.experts_TK)
-            if EP.uses_mesh():  # sharded: explicit all-to-all to the experts' devices and back
-                y_BTD = EP.capacity_moe(x_BTD, slot_BTK, r.gates_TK, kept_BTK, self.w_gate_EDF[...],
-                                        self.w_up_EDF[...], self.w_down_EFD[...], num_experts=e, cap=cap,
-                                        act=cfg.ffn_act, dtype=self.dtype)
-            else:
-                x_BECD = jax.vmap(lambda x, s: D.dispatch(x, s, e, cap))(x_BTD, slot_BTK)
-                y_BECD = self.experts(x_BECD)
-                y_BTD = jax.vmap(D.combine)(y_BECD, slot_BTK, r.gates_TK, kept_BTK)
+            x_BECD = jax.vmap(lambda x, s: D.dispatch(x, s, e, cap))(x_BTD, slot_BTK)
+            x_BECD = constrain(x_BECD, ("act_batch", None, None, "act_embed"))
+            x_BECD = constrain(x_BECD, ("act_batch_moe", "act_exp", None, "act_embed"))  # all-to-all
+            y_BECD = self.experts(x_BECD)
+            y_BECD = constrain(y_BECD, ("act_batch_moe", "act_exp", None, "act_embed"))
+            y_BECD = constrain(y_BECD, ("act_batch", None, None, "act_embed"))  # all-to-all back
+            y_BTD = jax.vmap(D.combine)(y_BECD, slot_BTK, r.gates_TK, kept_BTK)
             drop_fraction = 1.0 - jnp.mean(kept_BTK.astype(jnp.float32))
         else:
             experts_SK = r.experts_TK.reshape(b * t, k)
