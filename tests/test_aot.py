@@ -1,0 +1,72 @@
+"""AOT compile for Cloud TPU topologies from this CPU host (moe/aot.py): a small MoE compiles for v5e:2x2
+with expert parallelism and fits; a bad topology is a clear error; an absurd model is `fits: no`.
+
+Needs libtpu (the `jax[tpu]` extra); skipped without it.
+"""
+
+import json
+
+import pytest
+
+pytest.importorskip("libtpu")
+
+from moe import aot  # noqa: E402  (sets the libtpu environment before libtpu loads)
+from moe.config import load_config  # noqa: E402
+
+SMALL = ["model.vocab_size=512", "model.d_model=64", "model.num_heads=2", "model.d_ff=128", "model.num_layers=2",
+         "model.num_experts=4", "train.batch_size=8", "train.seq_len=32", "optim.name=adafactor",
+         "mesh.data=-1", "mesh.expert=2"]
+
+
+@pytest.fixture(scope="module")
+def small_report():
+    cfg = load_config("configs/tiny.yaml", SMALL)
+    return cfg, aot.compile_report(cfg, "v5e:2x2")
+
+
+def test_small_moe_fits_v5e_with_all_to_all(small_report):
+    cfg, r = small_report
+    assert r["devices"] == 4 and r["device_kind"] == "TPU v5 lite"
+    assert r["mesh"] == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1}
+    assert r["hbm_bytes_per_device"] == 16 * aot.GiB
+    assert r["fits"] and not r["oom"]
+    # The donated state is the arguments' bulk: 4 experts split 2 ways, the rest replicated.
+    assert r["state_bytes_per_device"] <= r["argument_bytes"] < r["state_bytes_per_device"] + 2**20
+    assert r["alias_bytes"] >= r["state_bytes_per_device"]  # donation really aliases the state
+    assert 0 < r["peak_bytes"] < 2**30 and r["temp_bytes"] > 0
+    assert r["model_flops_per_step"] == pytest.approx(6 * (r["params_active"]) * 256 + 12 * 2 * 64 * 32 * 256,
+                                                      rel=0.01)  # PaLM app. B; tied embeddings, 256 tokens
+    assert r["collectives"]["all-to-all"] >= 2  # tokens to their experts' devices and back
+    assert r["collectives"]["all-reduce"] + r["collectives"]["reduce-scatter"] >= 1  # gradients over `data`
+    text = aot.format_report(r)
+    assert text.splitlines()[-1].startswith("fits: yes (peak ") and text.endswith("of 16.00 GiB HBM)")
+
+
+def test_bad_topology_is_a_clear_error(capsys, tmp_path):
+    cfg = load_config("configs/tiny.yaml", SMALL)
+    with pytest.raises(aot.TopologyError, match="not a TPU topology.*v5e:8x8"):
+        aot.topology_devices("v5e-eight")
+    with pytest.raises(aot.TopologyError, match="unknown TPU topology 'v9:2x2'"):
+        aot.topology_devices("v9:2x2")
+    assert aot.aot_main(cfg, "v5e:3x7", str(tmp_path / "r.json")) == 2
+    assert "v5e:3x7" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
+def test_hbm_per_device():
+    assert aot.hbm_bytes(aot.topology_devices("v4:2x2x1")[0]) == 32 * aot.GiB  # megacore: one device per chip
+    assert aot.hbm_bytes(aot.topology_devices("v3:2x2")[0]) == 16 * aot.GiB  # one device per core
+    assert aot.hbm_bytes(aot.topology_devices("v5p:2x2x1")[0]) == 95 * aot.GiB
+
+
+def test_absurd_model_does_not_fit(capsys, tmp_path):
+    # A dense 2-layer model with D=16384, F=131072: 13 G params, 52 GB of fp32 weights per v5e chip.
+    cfg = load_config("configs/tiny.yaml", ["model.num_experts=0", "model.d_model=16384", "model.d_ff=131072",
+                                            "model.num_layers=2", "model.num_heads=8", "model.vocab_size=512",
+                                            "train.batch_size=4", "train.seq_len=32", "mesh.data=-1"])
+    path = tmp_path / "r.json"
+    assert aot.aot_main(cfg, "v5e:2x2", str(path)) == 1
+    out = capsys.readouterr().out
+    assert "fits: no (peak " in out and "of 16.00 GiB HBM)" in out
+    r = json.loads(path.read_text())
+    assert r["fits"] is False and r["oom"] is True
+    assert r["state_bytes_per_device"] > 16 * aot.GiB
