@@ -187,15 +187,18 @@ def train(cfg, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- checkpoint / resume (policy: moe/checkpoint.py)
     checkpointer = ckpt.Checkpointer(workdir, cfg.checkpoint)
-    restored = checkpointer.restore_latest(setup.abstract_state, train_iter)
-    if restored is not None:
-        start_step, state, meta = restored
+
+    def check_resumable(meta: dict) -> None:  # before the state is read: a changed model is an error, not damage
         diffs = config_diff(meta.get("config", {}), C.to_dict(cfg))
         if diffs:
             raise C.ConfigError("the config differs from the checkpoint's in keys that cannot change on resume: "
                                 + "; ".join(diffs) + f" (use a new --workdir, or restore these values)")
         if meta.get("tokenizer_sha") not in (None, _sha(tok.path)):
             raise C.ConfigError(f"the tokenizer ({tok.path}) differs from the one the checkpoint was trained with")
+
+    restored = checkpointer.restore_latest(setup.abstract_state, train_iter, check_meta=check_resumable)
+    if restored is not None:
+        start_step, state, meta = restored
         log.info("resumed from step %d in %s", start_step, checkpointer.dir)
     else:
         state = TL.init_state(setup)

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -111,11 +111,22 @@ class Checkpointer:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state: Any, data_iter=None) -> tuple[int, Any, dict] | None:
-        """Newest restorable step as (step, state, meta), moving damaged steps aside; None if there is none."""
+    def restore_latest(self, abstract_state: Any, data_iter=None,
+                       check_meta: Callable[[dict], None] | None = None) -> tuple[int, Any, dict] | None:
+        """Newest restorable step as (step, state, meta), moving damaged steps aside; None if there is none.
+
+        `check_meta(meta)` runs on each step's meta before its state is read and may raise (e.g. the config
+        changed the model): a state that does not fit the new model must be an error, not "damaged"."""
         import grain
 
         for step in reversed(self.steps()):
+            if check_meta is not None:
+                try:
+                    meta = dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+                except Exception as e:  # noqa: BLE001 - see below
+                    self._set_aside(step, e)
+                    continue
+                check_meta(meta)
             args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
             if self.with_data:
                 args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
