@@ -103,9 +103,10 @@ def test_document_masking_isolates_packed_documents():
 # --- equivalent ways of running the same model ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("moe_every,num_experts", [(1, 4), (2, 4), (1, 0)], ids=["all_moe", "glam", "dense"])
-def test_scan_equals_unrolled_blocks(moe_every, num_experts):
-    cfg = mcfg(moe_every=moe_every, num_experts=num_experts, num_layers=4)
+@pytest.mark.parametrize("moe_every,num_experts,layers", [(1, 4, 2), (2, 4, 4), (1, 0, 2)],
+                         ids=["all_moe", "glam", "dense"])
+def test_scan_equals_unrolled_blocks(moe_every, num_experts, layers):
+    cfg = mcfg(moe_every=moe_every, num_experts=num_experts, num_layers=layers)  # 2 blocks each
     scanned = build(cfg)
     unrolled = build(dataclasses.replace(cfg, scan_layers=False))
     assert_tree_close(nnx.state(scanned, nnx.Param), nnx.state(unrolled, nnx.Param), tol=0)
@@ -115,7 +116,7 @@ def test_scan_equals_unrolled_blocks(moe_every, num_experts):
     np.testing.assert_allclose(ls, lu, rtol=TOL, atol=TOL)
     assert_tree_close(aux_s, aux_u)
     if num_experts:
-        assert aux_s["aux_loss"].shape == (4 // moe_every,)
+        assert aux_s["aux_loss"].shape == (2,)
 
 
 def test_remat_policies_give_same_loss_and_grads():

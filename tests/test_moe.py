@@ -204,10 +204,16 @@ def test_token_with_every_choice_dropped_outputs_its_residual():
     x = inputs(10)
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     seg = jnp.ones((B, T), jnp.int32)
-    out, aux = layer(x, pos, seg, train=True, rng=None)
-    x_mid = x + layer.attn(layer.attn_norm(x), pos, seg)  # residual stream entering the FFN sub-layer
-    logits = jnp.einsum("BTD,DE->BTE", layer.ffn_norm(x_mid), layer.ffn.w_router_DE[...])
-    kept = jax.vmap(lambda lg: D.assign_slots(R.route(lg, K, True).experts_TK, E, 1)[1])(logits)
+
+    @nnx.jit
+    def run(layer, x):
+        out, aux = layer(x, pos, seg, train=True, rng=None)
+        x_mid = x + layer.attn(layer.attn_norm(x), pos, seg)  # residual stream entering the FFN sub-layer
+        logits = jnp.einsum("BTD,DE->BTE", layer.ffn_norm(x_mid), layer.ffn.w_router_DE[...])
+        kept = jax.vmap(lambda lg: D.assign_slots(R.route(lg, K, True).experts_TK, E, 1)[1])(logits)
+        return out, aux, x_mid, kept
+
+    out, aux, x_mid, kept = run(layer, x)
     fully_dropped = ~np.asarray(kept).any(-1)
     assert fully_dropped.sum() >= 2 * (T - 4)
     np.testing.assert_array_equal(np.asarray(out)[fully_dropped], np.asarray(x_mid)[fully_dropped])
