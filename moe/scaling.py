@@ -267,7 +267,7 @@ def run_sweep(sweep: Sweep, workdir: Path, *, env: dict | None = None, echo: Cal
         run_dir = workdir / p.name
         summary = read_summary(run_dir)
         if summary and summary.get("done"):
-            echo(f"[{i}/{n}] {p.name}: done already (eval_loss {summary.get('eval_loss')})")
+            echo(f"[{i}/{n}] {p.name}: done already (eval_loss {_cell(summary.get('eval_loss'))})")
             continue
         resumed = run_dir.is_dir() and (run_dir / "checkpoints").is_dir()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -287,7 +287,7 @@ def run_sweep(sweep: Sweep, workdir: Path, *, env: dict | None = None, echo: Cal
         (run_dir / "point.json").write_text(json.dumps(record, indent=1))
         how = "resumed, " if resumed else ""
         if ok:
-            echo(f"[{i}/{n}] {p.name}: done ({how}eval_loss {summary.get('eval_loss'):.4f}, {record['attempt_wall_s']}s)")
+            echo(f"[{i}/{n}] {p.name}: done ({how}eval_loss {_cell(summary.get('eval_loss'))}, {record['attempt_wall_s']}s)")
         else:
             failed.append(p.name)
             echo(f"[{i}/{n}] {p.name}: {status.upper()} (exit {rc}; {how}log {_rel(run_dir / 'train.log')}): {record['error']}")

@@ -64,7 +64,7 @@ compute_budgets: [1e13, 3e13]
         cfg = load_config(sweep.base, list(p.overrides))
         tokens = p.budget_flops / flops_per_token(cfg.model, cfg.train.seq_len)
         assert cfg.train.steps == round(tokens / (8 * 64))
-        assert f"C{p.budget_flops:.0e}".replace("+", "").replace("e13", "e13") in p.name
+        assert f"-C{p.budget_flops:.0e}-".replace("+", "") in p.name  # e.g. d64-l4-e8-C1e13-lr3e-3-s0-dff256
     small, big = sweep.points[0], sweep.points[2]
     assert load_config(sweep.base, list(small.overrides)).train.steps > load_config(sweep.base, list(big.overrides)).train.steps
 
