@@ -332,13 +332,14 @@ def few_shot_prompt(task: Task, i: int, shots: int, seed: int) -> str:
 
 
 def _encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """[bos] + context and the continuation's tokens, split where encoding the whole text puts the boundary
-    (as lm-eval does, so a continuation starting mid-word tokenizes as it would in running text)."""
+    """[bos] + context and the continuation's tokens, as lm-eval's TemplateLM splits them: trailing whitespace
+    of the context moves to the continuation, and the boundary is where encoding the whole text puts it (a
+    continuation starting mid-word tokenizes as it would in running text)."""
+    n_space = len(context) - len(context.rstrip())
+    if n_space and context.rstrip():
+        context, continuation = context[:-n_space], context[-n_space:] + continuation
     whole, ctx = tok.encode(context + continuation), tok.encode(context)
-    n = len(ctx)
-    while n > 0 and whole[:n] != ctx[:n]:
-        n -= 1
-    return [tok.bos_id, *whole[:n]], whole[n:]
+    return [tok.bos_id, *whole[: len(ctx)]], whole[len(ctx):]
 
 
 def run_task(run: Run, task: Task, shots: int = 0, seed: int = 1234, batch_size: int = 8) -> dict[str, float]:

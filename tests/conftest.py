@@ -10,3 +10,26 @@ os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# --- eval harness (tests/test_eval.py, test_generate.py, test_lm_eval.py) ---------------------------
+import pytest  # noqa: E402
+
+EVAL_RUN_OVERRIDES = [  # a 2-layer MoE (4 experts) that learns Python keyword statistics in ~60 steps
+    "model.num_layers=2", "model.d_model=64", "model.d_ff=128", "model.num_experts=4", "train.steps=60",
+    "train.batch_size=8", "train.seq_len=64", "train.eval_every=0", "train.eval_batches=1", "train.log_every=30",
+    "train.progress=false", "optim.lr=1e-2", "optim.warmup_steps=10", "checkpoint.every=30",
+    "checkpoint.async_save=false",
+]
+
+
+@pytest.fixture(scope="session")
+def eval_workdir(tmp_path_factory) -> str:
+    """A trained tiny run (checkpoints at steps 30 and 60), trained once per session in-process."""
+    import train
+    from moe.config import load_config
+
+    workdir = str(tmp_path_factory.mktemp("eval_run").resolve())
+    root = os.path.join(os.path.dirname(__file__), "..")
+    train.train(load_config(os.path.join(root, "configs", "tiny.yaml"), EVAL_RUN_OVERRIDES), workdir)
+    return workdir
