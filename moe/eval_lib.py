@@ -14,7 +14,8 @@ Task files (JSONL, one example per line; the file name without .jsonl is the tas
         highest log-likelihood wins (`accuracy`), and the highest per byte of the choice (`accuracy_norm`,
         lm-eval's acc_norm).
     {"context": "def f(x):\\n    ", "answer": "return"}                 completion: greedy generation (cut at
-        the first of `stop`, default ["\\n"], or at len(answer) + 16 tokens) must equal answer (both stripped).
+        the first of `stop`, default ["\\n"], or 16 tokens past the longest answer decoded in its batch) must
+        equal answer (both stripped).
     k-shot prompts put k other examples of the file (context + answer, separated by a blank line) before
     the context; the shots of example i are drawn with `random.Random(f"{seed}-{i}")`, fixed across runs.
 """
