@@ -132,7 +132,10 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-        return jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(self.dtype)
+        # Gather the table's fsdp-split D first (as FSDP does for every weight): a lookup into a D-split
+        # table would otherwise leave the activations D-split and force a full re-layout of the batch.
+        table_VD = constrain(self.table_VD[...], ("vocab", None))
+        return constrain(jnp.take(table_VD, tokens_BT, axis=0).astype(self.dtype), ("act_batch", "act_len", "act_embed"))
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         return mm("BTD,VD->BTV", x_BTD, self.table_VD[...], self.dtype)

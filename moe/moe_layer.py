@@ -19,17 +19,29 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe import dispatch as D
+from moe import expert_parallel as EP
 from moe import router as R
 from moe.config import ModelConfig
 from moe.layers import FFN, gated_act, mm, param
-from moe.sharding import constrain
+
+
+def expert_ffn(x_GECD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD, act: str, dtype) -> jax.Array:
+    """Every expert's gated FFN on its slots: batched dots over [.., E, C, D].
+
+    The dots run expert-major ([E, G, C, .]): XLA:CPU has no bf16 x bf16 -> f32 kernel for a batched dot
+    whose batch dim is not leading ("Unsupported element type for DotThunk::Execute"); on TPU/GPU the
+    transposes are layout changes XLA folds away.
+    """
+    x_EGCD = x_GECD.transpose(1, 0, 2, 3)
+    h = gated_act(mm("EGCD,EDF->EGCF", x_EGCD, w_gate_EDF, dtype), mm("EGCD,EDF->EGCF", x_EGCD, w_up_EDF, dtype), act)
+    return mm("EGCF,EFD->EGCD", h, w_down_EFD, dtype).transpose(1, 0, 2, 3)
 
 
 class MoEFFN(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
         # The router is kept fp32 and small-initialised so that early routing is near uniform.
-        self.w_router_DE = param(rngs, (d, e), ("embed", None), std=cfg.init_std)
+        self.w_router_DE = param(rngs, (d, e), (None, None), std=cfg.init_std)  # tiny: replicated
         self.w_gate_EDF = param(rngs, (e, d, f), ("exp", "embed", "mlp"), fan_in=d)
         self.w_up_EDF = param(rngs, (e, d, f), ("exp", "embed", "mlp"), fan_in=d)
         self.w_down_EFD = param(rngs, (e, f, d), ("exp", "mlp", "embed"), fan_in=f)
@@ -37,19 +49,6 @@ class MoEFFN(nnx.Module):
                        if cfg.num_shared_experts else None)
         self.cfg = cfg
         self.dtype = dtype
-
-    def experts(self, x_GECD: jax.Array) -> jax.Array:
-        """Every expert's gated FFN on its slots: batched dots over [.., E, C, D].
-
-        The dots run expert-major ([E, G, C, .]): XLA:CPU has no bf16 x bf16 -> f32 kernel for a batched dot
-        whose batch dim is not leading ("Unsupported element type for DotThunk::Execute"); on TPU/GPU the
-        transposes are layout changes XLA folds away.
-        """
-        x_EGCD = x_GECD.transpose(1, 0, 2, 3)
-        g = mm("EGCD,EDF->EGCF", x_EGCD, self.w_gate_EDF[...], self.dtype)
-        u = mm("EGCD,EDF->EGCF", x_EGCD, self.w_up_EDF[...], self.dtype)
-        h = constrain(gated_act(g, u, self.cfg.ffn_act), ("act_exp", "act_batch_moe", None, "act_mlp"))
-        return mm("EGCF,EFD->EGCD", h, self.w_down_EFD[...], self.dtype).transpose(1, 0, 2, 3)
 
     def __call__(self, x_BTD: jax.Array, *, train: bool, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
         cfg = self.cfg
@@ -65,13 +64,15 @@ class MoEFFN(nnx.Module):
             factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
             cap = D.capacity(t, e, k, factor, cfg.min_capacity)
             slot_BTK, kept_BTK = jax.vmap(lambda ex: D.assign_slots(ex, e, cap))(r.experts_TK)
-            x_BECD = jax.vmap(lambda x, s: D.dispatch(x, s, e, cap))(x_BTD, slot_BTK)
-            x_BECD = constrain(x_BECD, ("act_batch", None, None, "act_embed"))
-            x_BECD = constrain(x_BECD, ("act_batch_moe", "act_exp", None, "act_embed"))  # all-to-all
-            y_BECD = self.experts(x_BECD)
-            y_BECD = constrain(y_BECD, ("act_batch_moe", "act_exp", None, "act_embed"))
-            y_BECD = constrain(y_BECD, ("act_batch", None, None, "act_embed"))  # all-to-all back
-            y_BTD = jax.vmap(D.combine)(y_BECD, slot_BTK, r.gates_TK, kept_BTK)
+            weights = (self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
+            ffn = lambda x, wg, wu, wd: expert_ffn(x, wg, wu, wd, cfg.ffn_act, self.dtype)  # noqa: E731
+            if EP.uses_mesh():  # sharded: explicit all-to-all to the experts' devices and back
+                y_BTD = EP.capacity_moe(x_BTD, slot_BTK, r.gates_TK, kept_BTK, *weights, num_experts=e, cap=cap,
+                                        ffn=ffn)
+            else:
+                x_BECD = jax.vmap(lambda x, s: D.dispatch(x, s, e, cap))(x_BTD, slot_BTK)
+                y_BECD = ffn(x_BECD, *weights)
+                y_BTD = jax.vmap(D.combine)(y_BECD, slot_BTK, r.gates_TK, kept_BTK)
             drop_fraction = 1.0 - jnp.mean(kept_BTK.astype(jnp.float32))
         else:
             experts_SK = r.experts_TK.reshape(b * t, k)

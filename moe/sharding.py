@@ -27,7 +27,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 RULES: dict[str, tuple[str, ...]] = {
     "layers": (),
     "vocab": ("tensor",),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "expert"),  # dense weights are ZeRO-sharded over the expert axis too
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "head_dim": (),

@@ -50,9 +50,10 @@ def _param_specs(cfg: Config) -> tuple[Any, Any]:
 
 
 def _match_shardings(mesh: Mesh, tree: Any, params_abstract: Any, params_shardings: Any) -> Any:
-    """Shardings for optimizer-state leaves: a leaf whose path ends with a param's path and has its shape
-    (Adam/Lion moments) gets that param's sharding; anything else (counts, Adafactor's factored rows and
-    columns) is replicated."""
+    """Shardings for optimizer-state leaves, matched to the param whose path ends the leaf's path: the same
+    shape (Adam/Lion moments) takes the param's sharding; the shape with one of the last two dims dropped
+    (Adafactor's factored row/column statistics) takes it with that dim dropped; anything else (counts,
+    scalars) is replicated."""
     by_path = {}
     for (path, a), (_, s) in zip(jax.tree_util.tree_flatten_with_path(params_abstract)[0],
                                  jax.tree_util.tree_flatten_with_path(params_shardings)[0]):
@@ -62,8 +63,15 @@ def _match_shardings(mesh: Mesh, tree: Any, params_abstract: Any, params_shardin
         keys = tuple(str(k) for k in path)
         for n in range(len(keys)):
             hit = by_path.get(keys[n:])
-            if hit is not None and hit[0] == leaf.shape:
-                return hit[1]
+            if hit is None:
+                continue
+            shape, sharding = hit
+            spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+            if leaf.shape == shape:
+                return sharding
+            for drop in (-1, -2):  # factored second moments
+                if len(shape) >= 2 and leaf.shape == tuple(np.delete(np.array(shape), drop)):
+                    return NamedSharding(mesh, P(*np.delete(np.array(spec, dtype=object), drop)))
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(pick, tree)
