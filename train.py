@@ -6,7 +6,9 @@
 Sections, top to bottom: processes -> config -> input -> mesh & state -> checkpoint/resume -> evals -> loop.
 A run started on a workdir that has checkpoints resumes from the newest good one (moe/checkpoint.py states
 the policy). SIGTERM/SIGINT (spot preemption) finish the current step, save, and exit with status 75.
-Bad config or data exits with status 2 and a one-line message naming the key or file.
+Bad config or data, or a checkpoint that cannot be written, exits with status 2 and a one-line message naming the
+key or file; repeated divergence after rollbacks exits with status 1. docs/reliability.md has the whole table
+and the MOE_FAULT_* test hooks.
 """
 
 from __future__ import annotations
