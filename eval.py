@@ -10,7 +10,8 @@
 
 Sections: arguments -> load the run -> language modelling -> tasks -> lm-eval -> output. The run's config and
 tokenizer come from the workdir; params are restored onto the devices present now. Bad input exits with
-status 2 and one line naming what to fix. Method and task-file format: moe/eval_lib.py; README: docs/eval.md.
+status 2 and one line naming what to fix. Method: moe/eval_lib.py; task-file format: moe/tasks.py;
+README: docs/eval.md.
 """
 
 from __future__ import annotations
@@ -55,16 +56,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(run, args) -> dict:
     """Everything asked for at one checkpoint -> a flat-ish results dict."""
     from moe import eval_lib as E
+    from moe import tasks as T
 
     res: dict = {"step": run.step}
     if not args.no_lm:
         res.update(E.evaluate_lm(run, args.split, args.max_batches))
     if args.tasks:
         res["tasks"] = {}
-        for path in E.task_files(args.tasks):
-            task = E.load_task(path)
+        for path in T.task_files(args.tasks):
+            task = T.load_task(path)
             for k in args.shots:
-                res["tasks"][f"{task.name}/{k}-shot"] = E.run_task(run, task, k, args.seed, run.cfg.train.batch_size)
+                res["tasks"][f"{task.name}/{k}-shot"] = T.run_task(run, task, k, args.seed, run.cfg.train.batch_size)
     if args.lm_eval:
         res["lm_eval"] = run_lm_eval(run, args)
     return res
@@ -124,6 +126,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from moe import eval_lib as E
+    from moe import tasks as T
     from moe.checkpoint import CheckpointError
     from moe.config import ConfigError
     from moe.corpus import DataError
@@ -132,8 +135,8 @@ def main(argv=None) -> int:
         bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(OVERRIDABLE)]
         if bad:
             raise E.EvalError(f"eval can only override {', '.join(OVERRIDABLE)} keys, not: {', '.join(bad)}")
-        for path in E.task_files(args.tasks):  # malformed task files fail before anything compiles
-            E.load_task(path)
+        for path in T.task_files(args.tasks):  # malformed task files fail before anything compiles
+            T.load_task(path)
         steps = E.checkpoint_steps(args.workdir) if args.all else [args.step]
         run = E.load_run(args.workdir, steps[0], batch_size=args.batch_size, overrides=args.overrides)
         if args.generate is not None:

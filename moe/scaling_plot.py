@@ -21,6 +21,14 @@ def _done(rows: list[dict], n_key: str) -> list[dict]:
     return [r for r in rows if r["status"] == "done" and r["eval_loss"] is not None and r[n_key]]
 
 
+def _save(fig, path: Path) -> Path:
+    """Writes the figure and frees it (pyplot keeps every open figure alive otherwise)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_loss_vs_n(rows: list[dict], fit: dict | None, path: Path, n_key: str = "N_active") -> Path:
     """Final eval loss against N, one colour per token (or compute) budget; the Chinchilla curve
     L(N, D) at each budget's token count when a fit is given."""
@@ -42,10 +50,7 @@ def plot_loss_vs_n(rows: list[dict], fit: dict | None, path: Path, n_key: str = 
            title="Loss vs model size" + (" with L = E + A/N^α + B/D^β" if fit else ""))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_isoflop(fit: dict, rows: list[dict], path: Path, n_key: str = "N_active") -> Path:
@@ -71,10 +76,7 @@ def plot_isoflop(fit: dict, rows: list[dict], path: Path, n_key: str = "N_active
     ax2.legend(fontsize=8)
     for a in (ax, ax2):
         a.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_residuals(fit: dict, rows: list[dict], path: Path) -> Path:
@@ -88,10 +90,7 @@ def plot_residuals(fit: dict, rows: list[dict], path: Path) -> Path:
     unit = "log10" if fit["form"] == "moe" else "ln"
     ax.set(xscale="log", xlabel=n_key, ylabel=f"{unit} L - {unit} L_fit", title=f"{fit['form']} fit residuals")
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_all(rows: list[dict], fits: dict[str, dict], outdir: Path) -> list[Path]:

@@ -1,5 +1,5 @@
-"""eval.py / moe.eval_lib: scores against a direct forward pass, padding and mesh invariance, LM metrics vs
-rolling log-likelihood, tasks (trained beats untrained), --all curve, and clear errors on bad input."""
+"""eval.py / moe.eval_lib / moe.tasks: scores against a direct forward pass, padding and mesh invariance,
+LM metrics vs rolling log-likelihood, tasks (trained beats untrained), --all curve, and clear errors on bad input."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from moe import eval_lib as E
+from moe import tasks as T
 from moe import train_lib as TL
 
 TASKS = os.path.join(os.path.dirname(__file__), "data", "tasks")
@@ -34,7 +35,7 @@ def direct_loglik(run, ctx, cont) -> float:
 
 
 def test_scores_equal_direct_forward_and_batch_size(run):
-    pairs = [E._encode_pair(run.tok, c, k) for c, k in STRINGS]
+    pairs = [T.encode_pair(run.tok, c, k) for c, k in STRINGS]
     by8 = E.score(run, pairs, batch_size=8)
     by1 = E.score(run, pairs, batch_size=1)
     for (ctx, cont), (ll8, g8), (ll1, g1) in zip(pairs, by8, by1):
@@ -59,7 +60,7 @@ def test_mesh_invariance(run):
     setup1 = TL.build(run.cfg, mesh1)
     one = E.restore(E.Run(run.workdir, run.cfg, run.tok, setup1, None, -1), run.step)
     assert run.batch_ways == 8 and one.batch_ways == 1
-    pairs = [E._encode_pair(run.tok, c, k) for c, k in STRINGS]
+    pairs = [T.encode_pair(run.tok, c, k) for c, k in STRINGS]
     np.testing.assert_allclose([s for s, _ in E.score(one, pairs)], [s for s, _ in E.score(run, pairs)],
                                rtol=1e-4, atol=1e-4)
 
@@ -94,10 +95,10 @@ def test_lm_metrics_equal_rolling_loglikelihood(eval_workdir, tmp_path):
 
 
 def test_trained_beats_untrained_on_keywords(run):
-    task = E.load_task(os.path.join(TASKS, "python_keywords.jsonl"))
+    task = T.load_task(os.path.join(TASKS, "python_keywords.jsonl"))
     untrained = E.with_params(run, TL.init_state(run.setup)["params"])
-    trained = E.run_task(run, task, 0)["accuracy"]
-    chance = E.run_task(untrained, task, 0)["accuracy"]
+    trained = T.run_task(run, task, 0)["accuracy"]
+    chance = T.run_task(untrained, task, 0)["accuracy"]
     assert trained >= chance + 0.3, (trained, chance)
 
 
@@ -112,15 +113,15 @@ def test_completion_exact_match(run, tmp_path):
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text("".join(json.dumps({"context": c, "answer": "zzz_not_this"}) + "\n" for c in contexts))
     if right.read_text():
-        assert E.run_task(run, E.load_task(right))["accuracy"] == 1.0
-    assert E.run_task(run, E.load_task(wrong))["accuracy"] == 0.0
+        assert T.run_task(run, T.load_task(right))["accuracy"] == 1.0
+    assert T.run_task(run, T.load_task(wrong))["accuracy"] == 0.0
 
 
 def test_few_shot_prompt_is_fixed_by_seed():
-    task = E.load_task(os.path.join(TASKS, "python_keywords.jsonl"))
-    a, b = E.few_shot_prompt(task, 3, 2, seed=7), E.few_shot_prompt(task, 3, 2, seed=7)
-    assert a == b and a.endswith(task.examples[3]["context"]) and a.count(E.SHOT_SEPARATOR) == 2
-    assert E.few_shot_prompt(task, 3, 0, seed=7) == task.examples[3]["context"]
+    task = T.load_task(os.path.join(TASKS, "python_keywords.jsonl"))
+    a, b = T.few_shot_prompt(task, 3, 2, seed=7), T.few_shot_prompt(task, 3, 2, seed=7)
+    assert a == b and a.endswith(task.examples[3]["context"]) and a.count(T.SHOT_SEPARATOR) == 2
+    assert T.few_shot_prompt(task, 3, 0, seed=7) == task.examples[3]["context"]
 
 
 def test_cli_all_curve_and_json(eval_workdir, tmp_path, capsys):
@@ -173,4 +174,4 @@ def test_malformed_task_file(tmp_path, text, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(text)
     with pytest.raises(E.EvalError, match=message):
-        E.load_task(path)
+        T.load_task(path)

@@ -10,6 +10,7 @@ import pytest
 from lm_eval.api.instance import Instance
 
 from moe import eval_lib as E
+from moe import tasks as T
 from moe.lm_eval_adapter import MoeLM
 from test_eval import STRINGS, direct_loglik
 
@@ -35,9 +36,9 @@ def test_loglikelihood_matches_eval_lib_and_forward(lm):
     out = lm.loglikelihood(requests("loglikelihood", STRINGS))
     lm1 = MoeLM(run=lm.run, batch_size=1)
     out1 = lm1.loglikelihood(requests("loglikelihood", STRINGS))
-    ours = E.score(lm.run, [E._encode_pair(lm.run.tok, c, k) for c, k in STRINGS])
+    ours = E.score(lm.run, [T.encode_pair(lm.run.tok, c, k) for c, k in STRINGS])
     for (c, k), (ll, g), (ll1, g1), (ll_e, g_e) in zip(STRINGS, out, out1, ours):
-        ctx, cont = E._encode_pair(lm.run.tok, c, k)
+        ctx, cont = T.encode_pair(lm.run.tok, c, k)
         ref = direct_loglik(lm.run, ctx, cont)
         np.testing.assert_allclose([ll, ll1, ll_e], ref, rtol=1e-4, atol=1e-4)
         assert g == g1 == g_e
@@ -70,7 +71,7 @@ def test_simple_evaluate_custom_tasks(lm, monkeypatch):
     tm = TaskManager(include_path=os.path.join(ROOT, "tests", "data", "lm_eval_tasks"))
     res = lm_eval.simple_evaluate(model=lm, tasks=["moe_python_keywords", "moe_python_completion"], task_manager=tm)
     acc = res["results"]["moe_python_keywords"]["acc,none"]
-    mc = E.run_task(lm.run, E.load_task(os.path.join(ROOT, "tests", "data", "tasks", "python_keywords.jsonl")))
+    mc = T.run_task(lm.run, T.load_task(os.path.join(ROOT, "tests", "data", "tasks", "python_keywords.jsonl")))
     assert acc == pytest.approx(mc["accuracy"])  # same prompts and choices as our own task runner
     assert 0.0 <= res["results"]["moe_python_completion"]["exact_match,none"] <= 1.0
 

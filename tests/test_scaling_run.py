@@ -1,4 +1,4 @@
-"""Sweep files, the resumable runner, and the run -> collect -> fit -> plot loop (moe.scaling)."""
+"""Sweep files (moe.sweep), the resumable runner, and the run -> collect -> fit -> plot loop (moe.scaling)."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import pytest
 from moe import scaling
 from moe.config import load_config
 from moe.scaling_fit import FitError
+from moe.sweep import SweepError, load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -35,11 +36,11 @@ grid: {model.top_k: [1, 2], optim.lr: [1.0e-3, 3.0e-3]}
 seeds: [0, 1]
 warmup_fraction: 0.1
 """)
-    sweep = scaling.load_sweep(path)
+    sweep = load_sweep(path)
     assert len(sweep.points) == 2 * 2 * 2 * 2
     names = [p.name for p in sweep.points]
     assert len(set(names)) == len(names)
-    assert names == [p.name for p in scaling.load_sweep(path).points]  # stable across loads
+    assert names == [p.name for p in load_sweep(path).points]  # stable across loads
     p = next(p for p in sweep.points if p.budget_tokens == 1.2e6 and "topk2" in p.name and "lr3e-3" in p.name
              and p.name.endswith("s1-topk2"))
     assert p.name == "d128-l4-e8-tok1.2M-lr3e-3-s1-topk2"
@@ -58,7 +59,7 @@ sizes:
   - {name: m, model.d_model: 128, model.d_ff: 512}
 compute_budgets: [1e13, 3e13]
 """)
-    sweep = scaling.load_sweep(path)
+    sweep = load_sweep(path)
     assert [p.size for p in sweep.points] == ["s", "s", "m", "m"]
     for p in sweep.points:
         cfg = load_config(sweep.base, list(p.overrides))
@@ -80,13 +81,13 @@ compute_budgets: [1e13, 3e13]
     ("points:\n  - {model.top_k: 1}\n  - {model.top_k: 1}\n", r"share the run name"),
 ])
 def test_malformed_sweep_names_the_offending_entry(tmp_path, body, message):
-    with pytest.raises(scaling.SweepError, match=message):
-        scaling.load_sweep(_sweep(tmp_path, body))
+    with pytest.raises(SweepError, match=message):
+        load_sweep(_sweep(tmp_path, body))
 
 
 def test_fit_with_too_few_finished_points_is_a_clear_error(tmp_path, capsys):
     path = _sweep(tmp_path, "points:\n  - {model.d_model: 64}\n  - {model.d_model: 128}\n")
-    rows = scaling.collect(scaling.load_sweep(path), tmp_path / "runs")
+    rows = scaling.collect(load_sweep(path), tmp_path / "runs")
     assert [r["status"] for r in rows] == ["pending", "pending"]
     with pytest.raises(FitError, match="5 parameters but only 0 points"):
         scaling.fit_rows(rows, "chinchilla")
@@ -95,7 +96,7 @@ def test_fit_with_too_few_finished_points_is_a_clear_error(tmp_path, capsys):
 
 
 def test_emit_writes_one_launch_line_per_point(tmp_path):
-    sweep = scaling.load_sweep(_sweep(tmp_path, "budgets: [20480, 40960]\n"))
+    sweep = load_sweep(_sweep(tmp_path, "budgets: [20480, 40960]\n"))
     lines = scaling.emit_commands(sweep, "gs://b/sw", {"name": "v5p", "zone": "us-east5-a", "type": "v5p-128"})
     assert len(lines) == 2
     assert lines[0].startswith("python -m moe.launch tpu --name v5p --zone us-east5-a --type v5p-128 -- "
@@ -107,7 +108,7 @@ def test_emit_writes_one_launch_line_per_point(tmp_path):
 def test_failing_point_is_recorded_and_the_sweep_continues(tmp_path):
     # num_heads 3 and 5 do not divide d_model 128: train.py rejects each with exit status 2.
     path = _sweep(tmp_path, "points:\n  - {model.num_heads: 3}\n  - {model.num_heads: 5}\n")
-    sweep = scaling.load_sweep(path)
+    sweep = load_sweep(path)
     lines = []
     rc = scaling.run_sweep(sweep, tmp_path / "runs", env=_child_env(), echo=lines.append)
     assert rc == 1
@@ -124,7 +125,7 @@ def test_failing_point_is_recorded_and_the_sweep_continues(tmp_path):
 def test_tiny_sweep_run_collect_fit_plot(tmp_path, capsys):
     """The real thing: 3 sizes x 2 budgets of the tiny preset on the built-in corpus (~3-4 min on 2 cores)."""
     sweep_path = REPO / "configs" / "sweeps" / "tiny_sizes.yaml"
-    sweep, work = scaling.load_sweep(sweep_path), tmp_path / "sweep"
+    sweep, work = load_sweep(sweep_path), tmp_path / "sweep"
     lines = []
     assert scaling.run_sweep(sweep, work, env=_child_env(), echo=lines.append) == 0, "\n".join(lines)
     assert scaling.run_sweep(sweep, work, echo=lines.append) == 0  # second pass: everything done already
