@@ -122,6 +122,16 @@ def _host_rows(cfg, process_count: int) -> int:
     return cfg.train.batch_size // process_count
 
 
+def _require_usable_document(corpus: Corpus, tok: Tokenizer, split: str, docs: grain.MapDataset) -> None:
+    """Fails fast if no document is long enough: the repeated, filtered stream would otherwise never yield.
+    Stops at the first usable document, so on real data this reads one record."""
+    for i in range(len(docs)):
+        if len(tok.encode(corpus.text(docs[i]))) >= MIN_TOKENS:
+            return
+    raise DataError(f"{corpus.name} split '{split}': all {len(docs)} documents are shorter than {MIN_TOKENS} "
+                    "tokens; nothing to train on — check data.files / data.text_key")
+
+
 def train_iterator(cfg, tok: Tokenizer, process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
     """Infinite iterator of this host's training batches; deterministic from train.seed, checkpointable."""
     rows = _host_rows(cfg, process_count)
@@ -131,6 +141,7 @@ def train_iterator(cfg, tok: Tokenizer, process_index: int = 0, process_count: i
     if len(docs) == 0:
         raise DataError(f"{corpus.name} split '{split}' has no documents for process {process_index} of "
                         f"{process_count}; use more data or fewer processes")
+    _require_usable_document(corpus, tok, split, docs)
     docs = _tokenized(corpus, tok, split, docs.shuffle().repeat())
     ds = _packed_rows(docs, cfg, shuffle_seed=cfg.train.seed + 7919 * process_index).batch(rows, drop_remainder=True)
     if cfg.data.num_workers > 0:
