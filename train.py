@@ -194,7 +194,7 @@ def train(cfg, workdir: str) -> dict:
         diffs = config_diff(meta.get("config", {}), C.to_dict(cfg))
         if diffs:
             raise C.ConfigError("the config differs from the checkpoint's in keys that cannot change on resume: "
-                                + "; ".join(diffs) + f" (use a new --workdir, or restore these values)")
+                                + "; ".join(diffs) + " (use a new --workdir, or restore these values)")
         if meta.get("tokenizer_sha") not in (None, _sha(tok.path)):
             raise C.ConfigError(f"the tokenizer ({tok.path}) differs from the one the checkpoint was trained with")
 

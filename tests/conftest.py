@@ -6,6 +6,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "runs", "_tfds_test"))
+# Persistent compilation cache for the whole session (and the train.py subprocesses, which inherit it): the
+# tests compile the same small train steps many times. Same HLO -> same executable, so results are unchanged.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "runs", "_jax_cache_test")))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 

@@ -24,16 +24,13 @@ from pathlib import Path
 
 import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as cc
 
 import train
 from moe.config import load_config
 from moe.metrics import read_metrics
 from moe.tokenizer import load_tokenizer
 
-CACHE = os.path.abspath("runs/_jax_cache_test")
-cc.set_cache_dir(CACHE)
-cc.reset_cache()
+CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # set by conftest.py
 
 STEPS = 12
 OVERRIDES = ["model.num_layers=2", "model.d_model=64", "model.d_ff=128", "train.batch_size=8",

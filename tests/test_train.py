@@ -5,17 +5,15 @@ complete, a stopped-and-resumed run is bit-identical to an uninterrupted one, Li
 Runs are in-process (`train.train(cfg, workdir)`) and shared through module-scoped fixtures. Every run uses
 the same model, batch and schedule (`OVERRIDES`; stops before `train.steps` come from the SIGTERM hook
 MOE_FAULT_SIGTERM_STEP), so the jitted steps compile once and later runs load them from the persistent
-compilation cache under runs/_jax_cache_test.
+compilation cache (conftest.py).
 """
 
 import json
 import logging
 import math
-import os
 
 import pytest
 import yaml
-from jax.experimental.compilation_cache import compilation_cache as cc
 
 import train
 from moe import config as C
@@ -23,8 +21,6 @@ from moe.checkpoint import Checkpointer
 from moe.config import load_config
 from moe.metrics import read_metrics
 
-cc.set_cache_dir(os.path.abspath("runs/_jax_cache_test"))
-cc.reset_cache()  # take the directory even if something compiled before this module was imported
 
 STEPS = 30
 OVERRIDES = ["model.num_layers=2", "model.d_model=64", "model.d_ff=128", "train.batch_size=8",
