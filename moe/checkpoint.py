@@ -52,7 +52,8 @@ def _is_remote(path: str) -> bool:
 
 class Checkpointer:
     def __init__(self, workdir: str, cfg: CheckpointConfig, *, with_data: bool = True):
-        self.workdir = str(workdir)
+        # Orbax needs absolute paths (a relative one fails at the first save): the default workdir is runs/<name>.
+        self.workdir = str(workdir) if _is_remote(str(workdir)) else os.path.abspath(workdir)
         self.dir = os.path.join(self.workdir, "checkpoints")
         self.cfg = cfg
         self.with_data = with_data
@@ -180,6 +181,7 @@ def find_checkpoint_dir(path: str) -> str:
 def restore_params(path: str, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
     """Params only from another run's newest (or given) step: for `train.init_from` and evaluation."""
     ckdir = find_checkpoint_dir(path)
+    ckdir = ckdir if _is_remote(ckdir) else os.path.abspath(ckdir)
     mgr = ocp.CheckpointManager(ckdir, item_names=("state", "data", "meta"))
     steps = sorted(mgr.all_steps())
     if not steps:
