@@ -6,7 +6,8 @@ written out (GShard, Lepikhin et al. 2020, §3.2):
 
     per device: rows b of the local batch   x_bECD  (dispatch is local: each sequence is a routing group)
     all_to_all over 'expert': split E, concat rows  ->  x_(b*n)(E/n)CD   (n = size of the expert axis)
-    local experts: weights [E/n, D/fsdp, F/tensor], all-gathered over 'fsdp' (FSDP) just in time,
+    local experts: weights [E/n, D/fsdp, F/tensor], cast to the compute dtype, all-gathered over 'fsdp'
+                   (FSDP) just in time,
                    the down projection psum'd over 'tensor' (Megatron-style split of F)
     all_to_all back, combine locally.
 
@@ -49,6 +50,9 @@ def capacity_moe(x_BTD, slot_BTK, gates_BTK, kept_BTK, w_gate_EDF, w_up_EDF, w_d
     def local(x, slot, gates, kept, wg, wu, wd):
         x_bECD = jax.vmap(lambda xx, s: D.dispatch(xx, s, num_experts, cap))(x, slot)
         x_beCD = jax.lax.all_to_all(x_bECD, exp, split_axis=1, concat_axis=0, tiled=True) if exp else x_bECD
+        # Cast to the tokens' dtype (the compute dtype: the residual stream is carried in it) before the
+        # FSDP gather, so a bf16 model gathers and holds half the bytes; `ffn` would cast them anyway.
+        wg, wu, wd = (w.astype(x.dtype) for w in (wg, wu, wd))
         if gather_in:  # FSDP: gather the D dim of this device's experts just before use
             wg = jax.lax.all_gather(wg, gather_in, axis=1, tiled=True)
             wu = jax.lax.all_gather(wu, gather_in, axis=1, tiled=True)

@@ -30,6 +30,16 @@ def ones_param(shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
     return nnx.Param(jnp.ones(shape, jnp.float32), sharding_names=axes, eager_sharding=False)
 
 
+def gathered(w: jax.Array, names: tuple[str | None, ...], dtype) -> jax.Array:
+    """The weight in the compute dtype, all-gathered over its FSDP-split ('embed') dims, cast *first*.
+
+    Left to itself the partitioner gathers the fp32 shards and converts afterwards: in bf16 that moves and
+    holds twice the bytes (at GLaM 64B a layer's gathered dense weights are 5.4 GB fp32). The constraint
+    places the gather after the cast; other dims ('heads', 'mlp', 'vocab' over 'tensor') stay split.
+    """
+    return constrain(w.astype(dtype), tuple(None if n == "embed" else n for n in names))
+
+
 def mm(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """einsum with inputs in the compute dtype and fp32 accumulation (the fast path on CPU, TPU and GPU)."""
     return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
@@ -79,9 +89,9 @@ class Attention(nnx.Module):
         self.dtype = dtype
 
     def qkv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        q = mm("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...], self.dtype)
-        k = mm("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...], self.dtype)
-        v = mm("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...], self.dtype)
+        q = mm("BTD,DNH->BTNH", x_BTD, gathered(self.wq_DNH[...], ("embed", "heads", None), self.dtype), self.dtype)
+        k = mm("BTD,DKH->BTKH", x_BTD, gathered(self.wk_DKH[...], ("embed", "kv_heads", None), self.dtype), self.dtype)
+        v = mm("BTD,DKH->BTKH", x_BTD, gathered(self.wv_DKH[...], ("embed", "kv_heads", None), self.dtype), self.dtype)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = constrain(rope(q, positions_BT, self.rope_theta), ("act_batch", "act_len", "act_heads", None))
@@ -89,7 +99,7 @@ class Attention(nnx.Module):
         return q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype)
 
     def out(self, o_BTNH: jax.Array) -> jax.Array:
-        return mm("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...], self.dtype)
+        return mm("BTNH,NHD->BTD", o_BTNH, gathered(self.wo_NHD[...], ("heads", None, "embed"), self.dtype), self.dtype)
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
         q, k, v = self.qkv(x_BTD, positions_BT)
@@ -112,10 +122,11 @@ class FFN(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        h = gated_act(mm("BTD,DF->BTF", x_BTD, self.w_gate_DF[...], self.dtype),
-                      mm("BTD,DF->BTF", x_BTD, self.w_up_DF[...], self.dtype), self.act)
+        h = gated_act(mm("BTD,DF->BTF", x_BTD, gathered(self.w_gate_DF[...], ("embed", "mlp"), self.dtype), self.dtype),
+                      mm("BTD,DF->BTF", x_BTD, gathered(self.w_up_DF[...], ("embed", "mlp"), self.dtype), self.dtype),
+                      self.act)
         h = constrain(h, ("act_batch", "act_len", "act_mlp"))
-        return mm("BTF,FD->BTD", h, self.w_down_FD[...], self.dtype)
+        return mm("BTF,FD->BTD", h, gathered(self.w_down_FD[...], ("mlp", "embed"), self.dtype), self.dtype)
 
 
 def gated_act(gate: jax.Array, up: jax.Array, act: str) -> jax.Array:
@@ -134,8 +145,8 @@ class Embed(nnx.Module):
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         # Gather the table's fsdp-split D first (as FSDP does for every weight): a lookup into a D-split
         # table would otherwise leave the activations D-split and force a full re-layout of the batch.
-        table_VD = constrain(self.table_VD[...], ("vocab", None))
-        return constrain(jnp.take(table_VD, tokens_BT, axis=0).astype(self.dtype), ("act_batch", "act_len", "act_embed"))
+        table_VD = gathered(self.table_VD[...], ("vocab", "embed"), self.dtype)
+        return constrain(jnp.take(table_VD, tokens_BT, axis=0), ("act_batch", "act_len", "act_embed"))
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
-        return mm("BTD,VD->BTV", x_BTD, self.table_VD[...], self.dtype)
+        return mm("BTD,VD->BTV", x_BTD, gathered(self.table_VD[...], ("vocab", "embed"), self.dtype), self.dtype)

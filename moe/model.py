@@ -1,4 +1,5 @@
-"""The GLaM-style decoder: embeddings, scanned blocks of (MoE layer + dense layers), final norm, logits, loss.
+"""The GLaM-style decoder: embeddings, scanned blocks of (MoE layer + dense layers), final norm, logits, loss
+(computed in sequence chunks when the logits are large, so [B, T, V] never lives at once).
 
 Owns: model assembly, the training loss, and the analytic parameter / FLOP counts. Layers live in
 moe/layers.py (dense) and moe/moe_layer.py (experts).
@@ -20,8 +21,9 @@ from flax import nnx
 
 from moe import config as C
 from moe.config import ModelConfig
-from moe.layers import FFN, Attention, Embed, RMSNorm, param
+from moe.layers import FFN, Attention, Embed, RMSNorm, gathered, mm, param
 from moe.moe_layer import MoEFFN
+from moe.sharding import constrain
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the block in the backward pass
@@ -88,6 +90,18 @@ class Decoder(nnx.Module):
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, train: bool = False,
                  rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Logits [B, T, V] in fp32 and aux: each MoE metric stacked over blocks ([L] or [L, E])."""
+        x_BTD, aux = self.hidden(tokens_BT, positions_BT, segment_ids_BT, train=train, rng=rng)
+        return output_logits(x_BTD, *self.output_weights()), aux
+
+    def output_weights(self) -> tuple[jax.Array, bool, object]:
+        """(W, transposed, compute dtype) of the output projection: the tied table [V, D] or the head [D, V]."""
+        if self.head_DV is None:
+            return self.embed.table_VD[...], True, self.embed.dtype
+        return self.head_DV[...], False, self.embed.dtype
+
+    def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, train: bool = False,
+               rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """Everything but the output projection: the final-norm output [B, T, D] and aux (as `__call__`)."""
         b, t = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -98,7 +112,10 @@ class Decoder(nnx.Module):
         x_BTD = self.embed(tokens_BT)
 
         def body(x, block: Block, key):
-            return block(x, positions_BT, segment_ids_BT, train=train, rng=key)
+            x, aux = block(x, positions_BT, segment_ids_BT, train=train, rng=key)
+            # The carry between blocks is what remat keeps for the backward pass, one [B, T, D] per block:
+            # split its D over 'tensor' (which otherwise holds it replicated), gathered again on entry.
+            return constrain(x, ("act_batch", "act_len", "act_carry")), aux
 
         if self.cfg.remat != "none":
             body = nnx.remat(body, policy=REMAT_POLICIES[self.cfg.remat])
@@ -113,24 +130,74 @@ class Decoder(nnx.Module):
                 per_block.append(block_aux)
             aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_block) if per_block[0] else {}
 
-        x_BTD = self.final_norm(x_BTD)
-        logits = self.embed.attend(x_BTD) if self.head_DV is None else jnp.einsum(
-            "BTD,DV->BTV", x_BTD.astype(self.embed.dtype), self.head_DV[...].astype(self.embed.dtype),
-            preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32), aux
+        return self.final_norm(x_BTD), aux
+
+
+def output_logits(x_BTD: jax.Array, w: jax.Array, transposed: bool, dtype) -> jax.Array:
+    """fp32 logits [B, T, V] from the final-norm output: x @ table^T (tied, GLaM) or x @ head.
+
+    `w` is the fp32 parameter as stored (FSDP-split); it is cast and gathered here, so that inside the
+    chunked loss the gradient accumulated across chunks is the fp32, still-split parameter's.
+    """
+    if transposed:
+        return mm("BTD,VD->BTV", x_BTD, gathered(w, ("vocab", "embed"), dtype), dtype)
+    return mm("BTD,DV->BTV", x_BTD, gathered(w, ("embed", "vocab"), dtype), dtype)
+
+
+# Above this many logits per sequence (T * V) the loss is computed in sequence chunks of at most this many
+# logits. GLaM's 1024 x 256k = 2^28 fp32 logits are 1 GiB per sequence, and the backward pass holds another
+# copy for the softmax gradient: with 16 sequences per device that alone is 32 GiB. Chunks of 2^24 (64 tokens
+# at V = 256k, 16 chunks) cut that 16-fold while each chunk's matmul keeps B * 64 rows. Small models (tests,
+# CPU presets) stay on the one-shot path.
+LOSS_CHUNK_LOGITS = 2**24
+
+
+def loss_chunk_len(t: int, v: int) -> int:
+    """Sequence-chunk length for the cross-entropy: T itself when T * V <= LOSS_CHUNK_LOGITS, otherwise the
+    largest divisor of T with chunk * V <= LOSS_CHUNK_LOGITS (at least 1)."""
+    if t * v <= LOSS_CHUNK_LOGITS:
+        return t
+    return max([c for c in range(1, t + 1) if t % c == 0 and c * v <= LOSS_CHUNK_LOGITS], default=1)
+
+
+def token_logsumexp(x_BTD: jax.Array, targets_BT: jax.Array, w: jax.Array, transposed: bool, dtype,
+                    chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(logsumexp over V, logit of the target), each [B, T] fp32, without the [B, T, V] logits living at once.
+
+    The sequence is cut into T/chunk pieces; a `lax.scan` computes each piece's logits, reduces them to the
+    two numbers per token and drops them. `jax.checkpoint` on the piece makes the backward pass recompute the
+    piece's logits instead of keeping all of them: the cost is one extra forward output matmul, 2 * V * D
+    FLOPs per token (0.6% of a GLaM 64B/64E step, ~18% of a 0.1B/64E one, whose layers are cheap next to its
+    256k vocabulary); the saving is all but one chunk of logits. Exactly the one-shot maths otherwise.
+    """
+    b, t, d = x_BTD.shape
+
+    def piece(x_BcD, tgt_Bc):
+        logits_BcV = constrain(output_logits(x_BcD, w, transposed, dtype), ("act_batch", "act_len", "act_vocab"))
+        lse_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
+        return lse_Bc, jnp.take_along_axis(logits_BcV, tgt_Bc[..., None], axis=-1)[..., 0]
+
+    if chunk >= t:
+        return piece(x_BTD, targets_BT)
+    n = t // chunk
+    x_nBcD = x_BTD.reshape(b, n, chunk, d).swapaxes(0, 1)
+    tgt_nBc = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
+    _, (lse_nBc, tl_nBc) = jax.lax.scan(lambda c, xs: (c, jax.checkpoint(piece)(*xs)), None, (x_nBcD, tgt_nBc))
+    return lse_nBc.swapaxes(0, 1).reshape(b, t), tl_nBc.swapaxes(0, 1).reshape(b, t)
 
 
 def loss_fn(model: Decoder, batch: dict, *, train: bool, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Weighted next-token cross-entropy + weighted router losses (+ optional output-logit z-loss).
 
-    The router losses are averaged over MoE layers, so their weights mean the same at any depth.
+    The router losses are averaged over MoE layers, so their weights mean the same at any depth. The
+    cross-entropy is computed in sequence chunks when the logits are large (`loss_chunk_len`): same value.
     Returns (total loss, metrics) with `loss` = the cross-entropy alone (what eval reports).
     """
     cfg = model.cfg
-    logits_BTV, aux = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), train=train, rng=rng)
+    x_BTD, aux = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), train=train, rng=rng)
+    chunk = loss_chunk_len(x_BTD.shape[1], cfg.vocab_size)
+    lse_BT, target_logit_BT = token_logsumexp(x_BTD, batch["targets"], *model.output_weights(), chunk)
     weights_BT = batch["weights"].astype(jnp.float32)
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
     denom = jnp.maximum(jnp.sum(weights_BT), 1.0)
     ce = jnp.sum((lse_BT - target_logit_BT) * weights_BT) / denom
     metrics = {"loss": ce, "tokens": jnp.sum(weights_BT)}

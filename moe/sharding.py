@@ -37,6 +37,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "act_batch_moe": ("data", "fsdp"),  # inside expert compute the expert axis holds experts, not batch
     "act_len": (),
     "act_embed": (),
+    "act_carry": ("tensor",),  # the residual stream between scanned blocks (saved for backward under remat)
     "act_heads": ("tensor",),
     "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),

@@ -1,17 +1,23 @@
 """AOT compile for Cloud TPU topologies from this CPU host (moe/aot.py): a small MoE compiles for v5e:2x2
-with expert parallelism and fits; a bad topology is a clear error; an absurd model is `fits: no`.
+with expert parallelism and fits; a bad topology is a clear error; an absurd model is `fits: no`. Also the
+memory lever the GLaM presets' fits rely on: the sequence-chunked cross-entropy equals the one-shot one.
 
-Needs libtpu (the `jax[tpu]` extra); skipped without it.
+The compile tests need libtpu (the `jax[tpu]` extra) and are skipped without it.
 """
 
+import importlib.util
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
-pytest.importorskip("libtpu")
+from moe import aot  # sets the libtpu environment before libtpu loads
+from moe import model as M
+from moe.config import load_config
 
-from moe import aot  # noqa: E402  (sets the libtpu environment before libtpu loads)
-from moe.config import load_config  # noqa: E402
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (jax[tpu])")
 
 SMALL = ["model.vocab_size=512", "model.d_model=64", "model.num_heads=2", "model.d_ff=128", "model.num_layers=2",
          "model.num_experts=4", "train.batch_size=8", "train.seq_len=32", "optim.name=adafactor",
@@ -24,6 +30,7 @@ def small_report():
     return cfg, aot.compile_report(cfg, "v5e:2x2")
 
 
+@needs_libtpu
 def test_small_moe_fits_v5e_with_all_to_all(small_report):
     cfg, r = small_report
     assert r["devices"] == 4 and r["device_kind"] == "TPU v5 lite"
@@ -42,6 +49,7 @@ def test_small_moe_fits_v5e_with_all_to_all(small_report):
     assert text.splitlines()[-1].startswith("fits: yes (peak ") and text.endswith("of 16.00 GiB HBM)")
 
 
+@needs_libtpu
 def test_bad_topology_is_a_clear_error(capsys, tmp_path):
     cfg = load_config("configs/tiny.yaml", SMALL)
     with pytest.raises(aot.TopologyError, match="not a TPU topology.*v5e:8x8"):
@@ -52,12 +60,14 @@ def test_bad_topology_is_a_clear_error(capsys, tmp_path):
     assert "v5e:3x7" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
 
 
+@needs_libtpu
 def test_hbm_per_device():
     assert aot.hbm_bytes(aot.topology_devices("v4:2x2x1")[0]) == 32 * aot.GiB  # megacore: one device per chip
     assert aot.hbm_bytes(aot.topology_devices("v3:2x2")[0]) == 16 * aot.GiB  # one device per core
     assert aot.hbm_bytes(aot.topology_devices("v5p:2x2x1")[0]) == 95 * aot.GiB
 
 
+@needs_libtpu
 def test_absurd_model_does_not_fit(capsys, tmp_path):
     # A dense 2-layer model with D=16384, F=131072: 13 G params, 52 GB of fp32 weights per v5e chip.
     cfg = load_config("configs/tiny.yaml", ["model.num_experts=0", "model.d_model=16384", "model.d_ff=131072",
@@ -70,3 +80,30 @@ def test_absurd_model_does_not_fit(capsys, tmp_path):
     r = json.loads(path.read_text())
     assert r["fits"] is False and r["oom"] is True
     assert r["state_bytes_per_device"] > 16 * aot.GiB
+
+
+def test_loss_chunk_rule():
+    assert M.loss_chunk_len(1024, 256_000) == 64  # GLaM: 16 chunks of 64 tokens x 256k logits
+    assert M.loss_chunk_len(128, 8192) == 128  # small models: one shot
+    assert M.loss_chunk_len(1000, 2**20) == 10  # largest divisor of T with chunk * V <= 2^24
+    assert M.loss_chunk_len(7, 2**25) == 1
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_cross_entropy_equals_one_shot(monkeypatch, tied):
+    cfg = load_config("configs/tiny.yaml", ["model.vocab_size=512", "model.num_layers=2", "model.logit_z_loss=1e-3",
+                                            f"model.tie_embeddings={str(tied).lower()}"]).model
+    model = M.Decoder(cfg, nnx.Rngs(0))
+    k1, k2 = jax.random.split(jax.random.key(1))
+    batch = {"inputs": jax.random.randint(k1, (2, 64), 0, 512), "targets": jax.random.randint(k2, (2, 64), 0, 512),
+             "weights": (jnp.arange(64) % 5 != 0).astype(jnp.float32)[None].repeat(2, 0)}
+    grad = nnx.jit(nnx.value_and_grad(lambda m: M.loss_fn(m, batch, train=True), has_aux=True))
+    (l_one, m_one), g_one = grad(model)
+    monkeypatch.setattr(M, "LOSS_CHUNK_LOGITS", 16 * 512)  # 4 chunks of 16 tokens
+    assert M.loss_chunk_len(64, 512) == 16
+    (l_chunk, m_chunk), g_chunk = nnx.jit(nnx.value_and_grad(lambda m: M.loss_fn(m, batch, train=True),
+                                                             has_aux=True))(model)
+    assert float(l_chunk) == pytest.approx(float(l_one), rel=1e-5)
+    assert float(m_chunk["logit_z_loss"]) == pytest.approx(float(m_one["logit_z_loss"]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(nnx.state(g_one)), jax.tree.leaves(nnx.state(g_chunk))):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a))) + 1e-7
