@@ -7,6 +7,11 @@ endif
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# No TPU and no GPU here: pin JAX to the CPU. libtpu (installed by the test extra for AOT compiles) would
+# otherwise probe for a TPU at start-up and log warnings. Set JAX_PLATFORMS yourself to override.
+ifeq ($(wildcard /dev/accel* /dev/vfio/*)$(shell command -v nvidia-smi 2>/dev/null),)
+export JAX_PLATFORMS ?= cpu
+endif
 
 .PHONY: train test bench venv clean
 

@@ -131,8 +131,38 @@ class FFN(nnx.Module):
 
 def gated_act(gate: jax.Array, up: jax.Array, act: str) -> jax.Array:
     """act(gate) * up, in fp32: GELU (tanh approximation, as GLaM/T5) or SiLU."""
-    fn = jax.nn.gelu if act == "geglu" else jax.nn.silu
-    return fn(gate) * up
+    return _gated_gelu(gate, up) if act == "geglu" else _gated_silu(gate, up)
+
+
+def _gated(fn):
+    """fn(gate) * up with a hand-written backward that keeps only (gate, up) as residuals.
+
+    Why: autodiff of the tanh-GELU saves ~5 intermediates per element, and XLA:CPU fused their backward with
+    the transpose feeding the weight-gradient dots, reading all of them in strided (column) order: that one
+    fusion was half of the `small` preset's step time. Recomputing act(gate) in the backward and putting an
+    optimization barrier before the transpose makes the elementwise part stream row-major (2.1x faster
+    fwd+bwd over 8 scanned FFN layers) and gives bitwise the same gradients.
+    """
+
+    @jax.custom_vjp
+    def f(gate, up):
+        return fn(gate) * up
+
+    def fwd(gate, up):
+        return fn(gate) * up, (gate, up)
+
+    def bwd(res, dy):
+        gate, up = res
+        a, vjp = jax.vjp(fn, gate)
+        (dgate,) = vjp(dy * up)
+        return jax.lax.optimization_barrier((dgate, dy * a))
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+_gated_gelu = _gated(jax.nn.gelu)
+_gated_silu = _gated(jax.nn.silu)
 
 
 class Embed(nnx.Module):
