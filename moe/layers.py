@@ -23,11 +23,11 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
     """
     std = std if std is not None else (fan_in or shape[0]) ** -0.5
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def ones_param(shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, jnp.float32), sharding_names=axes, eager_sharding=False)
+    return nnx.Param(jnp.ones(shape, jnp.float32), out_sharding=axes, eager_sharding=False)
 
 
 def gathered(w: jax.Array, names: tuple[str | None, ...], dtype) -> jax.Array:

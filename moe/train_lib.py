@@ -156,8 +156,8 @@ def train_step_fn(setup: Setup) -> Callable:
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         skips = skip_stats(opt_state)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=setup.schedule(state["step"]),
-                       param_norm=optax.global_norm(params), skipped_total=skips["skipped_total"],
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=setup.schedule(state["step"]),
+                       param_norm=optax.tree.norm(params), skipped_total=skips["skipped_total"],
                        skipped_consecutive=skips["skipped_consecutive"])
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         return new_state, metrics
