@@ -148,18 +148,11 @@ CHOICES = {
 # --- loading -------------------------------------------------------------------------------------
 
 
-def _fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
 def all_keys(cls=Config, prefix: str = "") -> list[str]:
     """Every dotted key of the schema, e.g. 'model.num_experts'."""
     keys = []
-    for name, f in _fields(cls).items():
-        if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else _hints(cls)[name]):
-            keys += all_keys(_hints(cls)[name], f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
+    for name, typ in _hints(cls).items():
+        keys += all_keys(typ, f"{prefix}{name}.") if dataclasses.is_dataclass(typ) else [prefix + name]
     return keys
 
 
