@@ -8,6 +8,8 @@ Params are fp32; `dtype` is the compute dtype (inputs of matmuls are cast to it,
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -41,8 +43,39 @@ def gathered(w: jax.Array, names: tuple[str | None, ...], dtype) -> jax.Array:
 
 
 def mm(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """einsum with inputs in the compute dtype and fp32 accumulation (the fast path on CPU, TPU and GPU)."""
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    """einsum with inputs in the compute dtype and fp32 accumulation (the fast path on CPU, TPU and GPU).
+
+    In a low-precision dtype the backward dots also take low-precision inputs (`_mm_lowp`): autodiff alone
+    would feed them the fp32 cotangent, and a mixed fp32 x bf16 dot runs as an fp32 one.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return _mm_lowp(spec, x.astype(dtype), w.astype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mm_lowp(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+
+
+def _mm_lowp_fwd(spec: str, x: jax.Array, w: jax.Array):
+    return _mm_lowp(spec, x, w), (x, w)
+
+
+def _mm_lowp_bwd(spec: str, res, g: jax.Array):
+    """Mixed-precision backward (Micikevicius et al. 2018): the cotangent is rounded to the inputs' dtype,
+    both gradient dots accumulate in fp32, and each gradient is rounded once to its input's dtype.
+    Every index of a spec here is shared by two of its three operands (batch or contraction: no index is
+    summed within one operand), so the gradients are the two einsums with an operand swapped for the output."""
+    x, w = res
+    (a, b), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{b}->{a}", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum(f"{a},{out}->{b}", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_mm_lowp.defvjp(_mm_lowp_fwd, _mm_lowp_bwd)
 
 
 class RMSNorm(nnx.Module):
