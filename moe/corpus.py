@@ -13,7 +13,9 @@ Sources (`data.source`):
            in sorted order; the dataset version is the Python version, so another interpreter rebuilds.
   files    `.txt` files (one document each) and `.jsonl` files (one document per line, field `data.text_key`);
            the dataset is keyed by a hash of the file list, sizes and mtimes, so editing a file rebuilds.
-  tfds     `data.tfds_name` = name[/config][:version] already prepared under `data.data_dir`.
+  tfds     `data.tfds_name` = name[/config][:version] already prepared under `data.data_dir`: ArrayRecord is
+           read by random access (`source`); tfrecord is `streaming` and read in order through tf.data
+           (`moe.tfrecord_source`), which needs the optional `tf` extra.
 
 The split is a stable hash (SHA-256) of each document's key (stdlib-relative path, file path, or
 `path:line` for JSONL), so adding a file never moves another between train and validation.
@@ -208,11 +210,19 @@ class Corpus:
     builder: Any  # tfds.core.DatasetBuilder
     text_key: str
     skipped: dict[str, dict[str, list[str]]]  # split -> reason -> document keys (builtin/files only)
+    streaming: bool = False  # tfrecord: no random access; moe.data reads it through moe.tfrecord_source
 
-    def source(self, split: str):
+    def check_split(self, split: str) -> None:
         if split not in self.builder.info.splits:
             raise DataError(f"split '{split}' not in {self.name} (has: {', '.join(self.builder.info.splits)}); "
                             "set data.train_split / data.eval_split")
+
+    def source(self, split: str):
+        """Random-access records of `split` (not for a streaming corpus: read that with TfRecordSource)."""
+        self.check_split(split)
+        if self.streaming:
+            raise DataError(f"{self.name} is stored as tfrecord, which has no random access (moe.data "
+                            "streams it through moe.tfrecord_source); for this, convert it to ArrayRecord")
         return self.builder.as_data_source(split=split)
 
     def num_documents(self, split: str) -> int:
@@ -299,15 +309,23 @@ def _open_tfds(cfg) -> Corpus:
                         f"{version or ''} under {folder} (found: {', '.join(versions) or 'none'})")
     builder = tfds.builder_from_directory(str(folder / (version or versions[-1])))
     fmt = builder.info.file_format
-    if fmt is None or fmt.value != "array_record":
-        raise DataError(f"data.tfds_name: '{d.tfds_name}' is stored as {fmt.value if fmt else 'tfrecord'}; grain needs "
-                        "ArrayRecord. Convert it once with `tfds convert_format --dataset_version_dir "
-                        f"{folder / (version or versions[-1])} --out_file_format array_record` (needs the `tf` extra: "
-                        "pip install tensorflow-cpu)")
+    streaming = fmt is None or fmt.value != "array_record"
+    convert = (f"convert it once with `tfds convert_format --dataset_version_dir {folder / (version or versions[-1])} "
+               "--out_file_format array_record`")
+    if streaming and fmt is not None and fmt.value != "tfrecord":
+        raise DataError(f"data.tfds_name: '{d.tfds_name}' is stored as {fmt.value}; moe reads ArrayRecord (grain) or "
+                        f"tfrecord (tf.data): {convert}")
+    if streaming:
+        from moe.tfrecord_source import tensorflow_available  # imports TensorFlow: only on this path
+
+        if not tensorflow_available():
+            raise DataError(f"data.tfds_name: '{d.tfds_name}' is stored as tfrecord, which moe reads through "
+                            f"tf.data: install the `tf` extra (pip install -e \".[tf]\"), or {convert} (this too "
+                            "needs TensorFlow, once, on any machine)")
     if d.text_key not in builder.info.features:
         raise DataError(f"data.text_key '{d.text_key}' is not a feature of {d.tfds_name} "
                         f"(features: {', '.join(builder.info.features)})")
-    return Corpus(f"{d.tfds_name.split(':')[0]}:{builder.info.version}", builder, d.text_key, {})
+    return Corpus(f"{d.tfds_name.split(':')[0]}:{builder.info.version}", builder, d.text_key, {}, streaming)
 
 
 def open_corpus(cfg) -> Corpus:

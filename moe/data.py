@@ -25,19 +25,24 @@ row slots are padding.
 
 Order: documents are shuffled by `train.seed` per epoch (grain reshuffles on every repeat) after each host
 takes its share `[process_index::process_count]`; the iterator's state (`get_state`/`set_state`, or
-orbax `grain.checkpoint.CheckpointSave/Restore`) reproduces the exact batch sequence.
+orbax `grain.checkpoint.CheckpointSave/Restore`) reproduces the exact batch sequence. A tfrecord TFDS
+dataset (no random access) is streamed instead by `moe.tfrecord_source`: each host reads a contiguous
+share, shuffled per epoch by files and a `data.shuffle_buffer` of documents; its state is checkpointed the
+same way (resuming re-reads the current epoch up to the saved position).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import grain
 import grain.experimental as gx
 import numpy as np
 
 from moe.corpus import SPLITS, Corpus, DataError, open_corpus
+from moe.tfrecord_source import TfRecordSource  # imports TensorFlow only when a tfrecord split is read
 from moe.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["DataError", "check_data", "eval_batches", "train_iterator"]
@@ -46,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PACKING_BINS = 64  # rows packed together by first-fit: more = less padding, more rows held in memory
 MIN_TOKENS = 2  # documents that encode to fewer text tokens are skipped (and counted)
+Docs = grain.MapDataset | grain.IterDataset  # random-access (ArrayRecord) or streamed (tfrecord) records
 
 
 class _Tokenize(grain.transforms.Map):
@@ -100,9 +106,11 @@ def _to_example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _packed_rows(docs: grain.MapDataset, cfg, *, shuffle_seed: int | None) -> grain.IterDataset:
+def _packed_rows(docs: Docs, cfg, *, shuffle_seed: int | None) -> grain.IterDataset:
     """Tokenized documents -> packed example rows (shuffled pieces and bins when shuffle_seed is given)."""
-    it = gx.FlatMapIterDataset(docs.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)), _Pieces(cfg.train.seq_len))
+    if isinstance(docs, grain.MapDataset):  # random access: tokenize on 2 threads, in order
+        docs = docs.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+    it = gx.FlatMapIterDataset(docs, _Pieces(cfg.train.seq_len))
     if shuffle_seed is not None:
         it = gx.WindowShuffleIterDataset(it, window_size=cfg.data.shuffle_buffer, seed=shuffle_seed)
     it = gx.FirstFitPackIterDataset(it, length_struct={"tokens": cfg.train.seq_len + 1},
@@ -111,7 +119,7 @@ def _packed_rows(docs: grain.MapDataset, cfg, *, shuffle_seed: int | None) -> gr
     return it.map(_to_example)
 
 
-def _tokenized(corpus: Corpus, tok: Tokenizer, split: str, docs: grain.MapDataset) -> grain.MapDataset:
+def _tokenized(corpus: Corpus, tok: Tokenizer, split: str, docs: Docs) -> Docs:
     return docs.map(_Tokenize(corpus, tok)).filter(_LongEnough(split))
 
 
@@ -122,14 +130,36 @@ def _host_rows(cfg, process_count: int) -> int:
     return cfg.train.batch_size // process_count
 
 
-def _require_usable_document(corpus: Corpus, tok: Tokenizer, split: str, docs: grain.MapDataset) -> None:
+def _require_usable_document(corpus: Corpus, tok: Tokenizer, split: str, records: Iterable[dict], n: int) -> None:
     """Fails fast if no document is long enough: the repeated, filtered stream would otherwise never yield.
     Stops at the first usable document, so on real data this reads one record."""
-    for i in range(len(docs)):
-        if len(tok.encode(corpus.text(docs[i]))) >= MIN_TOKENS:
+    for record in records:
+        if len(tok.encode(corpus.text(record))) >= MIN_TOKENS:
             return
-    raise DataError(f"{corpus.name} split '{split}': all {len(docs)} documents are shorter than {MIN_TOKENS} "
+    raise DataError(f"{corpus.name} split '{split}': all {n} documents are shorter than {MIN_TOKENS} "
                     "tokens; nothing to train on — check data.files / data.text_key")
+
+
+def _train_documents(corpus: Corpus, cfg, split: str, process_index: int,
+                     process_count: int) -> tuple[Docs, Iterable[dict], int]:
+    """This host's share of `split`: (records shuffled per epoch and repeated forever, the same records in
+    stored order, their number)."""
+    if corpus.streaming:
+        share = functools.partial(TfRecordSource, corpus.builder, split, text_key=corpus.text_key,
+                                  process_index=process_index, process_count=process_count)
+        ordered = share(shuffle_seed=None)
+        shuffled = share(shuffle_seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, repeat=True)
+        return shuffled, ordered, ordered.num_records
+    docs = grain.MapDataset.source(corpus.source(split)).seed(cfg.train.seed)[process_index::process_count]
+    return docs.shuffle().repeat(), (docs[i] for i in range(len(docs))), len(docs)
+
+
+def _all_documents(corpus: Corpus, split: str) -> Docs:
+    """Every record of `split` in stored order, once."""
+    if corpus.streaming:
+        corpus.check_split(split)
+        return TfRecordSource(corpus.builder, split, text_key=corpus.text_key, shuffle_seed=None)
+    return grain.MapDataset.source(corpus.source(split))
 
 
 def train_iterator(cfg, tok: Tokenizer, process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
@@ -137,14 +167,19 @@ def train_iterator(cfg, tok: Tokenizer, process_index: int = 0, process_count: i
     rows = _host_rows(cfg, process_count)
     corpus = open_corpus(cfg)
     split = cfg.data.train_split
-    docs = grain.MapDataset.source(corpus.source(split)).seed(cfg.train.seed)[process_index::process_count]
-    if len(docs) == 0:
+    corpus.check_split(split)
+    docs, ordered, n = _train_documents(corpus, cfg, split, process_index, process_count)
+    if n == 0:
         raise DataError(f"{corpus.name} split '{split}' has no documents for process {process_index} of "
                         f"{process_count}; use more data or fewer processes")
-    _require_usable_document(corpus, tok, split, docs)
-    docs = _tokenized(corpus, tok, split, docs.shuffle().repeat())
+    _require_usable_document(corpus, tok, split, ordered, n)
+    docs = _tokenized(corpus, tok, split, docs)
     ds = _packed_rows(docs, cfg, shuffle_seed=cfg.train.seed + 7919 * process_index).batch(rows, drop_remainder=True)
-    if cfg.data.num_workers > 0:
+    if cfg.data.num_workers > 0 and corpus.streaming:
+        # grain workers slice a random-access source; tf.data already reads on its own threads.
+        log.warning("data.num_workers=%d ignored for tfrecord %s: it is read in this process through tf.data",
+                    cfg.data.num_workers, corpus.name)
+    elif cfg.data.num_workers > 0:
         from absl import flags  # grain workers read absl flags; outside absl.app.run nobody parsed them
 
         if not flags.FLAGS.is_parsed():
@@ -164,7 +199,7 @@ def eval_batches(cfg, tok: Tokenizer, split: str | None = None, max_batches: int
     split = split or cfg.data.eval_split
     corpus = open_corpus(cfg)
     keep = _LongEnough(split)
-    docs = grain.MapDataset.source(corpus.source(split)).map(_Tokenize(corpus, tok)).filter(keep)
+    docs = _all_documents(corpus, split).map(_Tokenize(corpus, tok)).filter(keep)
     token_bytes = tok.token_bytes().astype(np.float32)
     batches = _packed_rows(docs, cfg, shuffle_seed=None).batch(cfg.train.batch_size, drop_remainder=False)
     for i, batch in enumerate(batches):
@@ -186,7 +221,7 @@ def check_data(cfg) -> None:
     Raises DataError naming the key or file and the fix."""
     corpus = open_corpus(cfg)
     for key, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
-        corpus.source(split)  # raises if the split does not exist
+        corpus.check_split(split)
         if corpus.num_documents(split) == 0:
             hint = ("raise data.validation_fraction or add documents" if cfg.data.source != "tfds" and
                     split in SPLITS else "choose a split with documents")
