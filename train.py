@@ -307,6 +307,7 @@ def train(cfg, workdir: str) -> dict:
                               skipped_batches=skipped_batches)
                 if is_eval:
                     record.update(evaluate())
+                    peak = TL.peak_flops_per_second(cfg.model.dtype, remeasure=True)  # the highest seen so far
                 writer.write(step, record)
                 last = record
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")

@@ -22,7 +22,6 @@ if __name__ == "__main__":  # first, before jax is imported: huge pages for XLA:
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import statistics
@@ -38,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from moe.config import Config, MeshConfig, ModelConfig, load_config, replace
+from moe.train_lib import matmul_peak
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -57,19 +57,6 @@ def _rounds(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[floa
 
 def _paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
-
-
-def matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of one [n,n]x[n,n] matmul (fp32 accumulation), best of `reps`: this machine's matmul peak."""
-    x = jnp.ones((n, n), jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
-    jax.block_until_ready(f(x))
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 # --- 1. MoE layer vs dense FFN -------------------------------------------------------------------------

@@ -70,9 +70,24 @@ def _mm_lowp_bwd(spec: str, res, g: jax.Array):
     x, w = res
     (a, b), out = spec.split("->")[0].split(","), spec.split("->")[1]
     g = g.astype(x.dtype)
-    dx = jnp.einsum(f"{out},{b}->{a}", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.einsum(f"{a},{out}->{b}", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    dx = _sum_to_type_of(x, jnp.einsum(f"{out},{b}->{a}", g, w, preferred_element_type=jnp.float32))
+    dw = _sum_to_type_of(w, jnp.einsum(f"{a},{out}->{b}", x, g, preferred_element_type=jnp.float32))
     return dx, dw
+
+
+def _varying(a: jax.Array) -> frozenset:
+    """The shard_map mesh axes `a` varies over (empty outside shard_map)."""
+    mat = getattr(jax.typeof(a), "manual_axis_type", None)
+    return mat.varying if mat is not None else frozenset(getattr(jax.typeof(a), "vma", ()))
+
+
+def _sum_to_type_of(primal: jax.Array, grad32: jax.Array) -> jax.Array:
+    """Inside shard_map a gradient varies over every axis its factors vary over; an input invariant over some
+    of them (a weight replicated over 'data') gets the sum over those, in fp32, as autodiff's psum would."""
+    extra = _varying(grad32) - _varying(primal)
+    if extra:
+        grad32 = jax.lax.psum(grad32, tuple(sorted(extra)))
+    return grad32.astype(primal.dtype)
 
 
 _mm_lowp.defvjp(_mm_lowp_fwd, _mm_lowp_bwd)

@@ -91,7 +91,8 @@ def test_loss_chunk_rule():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_chunked_cross_entropy_equals_one_shot(monkeypatch, tied):
-    cfg = load_config("configs/tiny.yaml", ["model.vocab_size=512", "model.num_layers=2", "model.logit_z_loss=1e-3",
+    cfg = load_config("configs/tiny.yaml", ["model.dtype=float32", "model.vocab_size=512", "model.num_layers=2",
+                                            "model.logit_z_loss=1e-3",
                                             f"model.tie_embeddings={str(tied).lower()}"]).model
     model = M.Decoder(cfg, nnx.Rngs(0))
     k1, k2 = jax.random.split(jax.random.key(1))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERRIDES = ["model.num_layers=2", "model.d_model=64", "model.d_ff=128", "train.batch_size=8", "train.seq_len=64",
-             "train.steps=3", "train.log_every=1", "train.eval_every=0", "checkpoint.every=3", "mesh.data=4",
+OVERRIDES = ["model.dtype=float32", "model.num_layers=2", "model.d_model=64", "model.d_ff=128", "train.batch_size=8",
+             "train.seq_len=64", "train.steps=3", "train.log_every=1", "train.eval_every=0", "checkpoint.every=3", "mesh.data=4",
              "train.progress=false"]
 
 
