@@ -12,9 +12,6 @@ ARGS ?=
 ifeq ($(wildcard /dev/accel* /dev/vfio/*)$(shell command -v nvidia-smi 2>/dev/null),)
 export JAX_PLATFORMS ?= cpu
 endif
-# Transparent huge pages for XLA:CPU's large buffers (glibc >= 2.35; ignored elsewhere): fresh buffers are
-# zero-filled 4 KiB page by page otherwise. The entry points set it themselves (moe/hostmem.py); this covers pytest.
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: train test bench venv clean
 

@@ -170,7 +170,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from moe.hostmem import use_huge_pages
-
-    use_huge_pages()  # re-executes once with huge pages for XLA:CPU buffers (moe/hostmem.py)
     sys.exit(main())

@@ -365,7 +365,4 @@ def _sha(path: str) -> str:
 
 
 if __name__ == "__main__":
-    from moe.hostmem import use_huge_pages
-
-    use_huge_pages()  # re-executes once with huge pages for XLA:CPU buffers (moe/hostmem.py)
     sys.exit(main())

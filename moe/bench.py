@@ -14,11 +14,6 @@ nothing).
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # first, before jax is imported: huge pages for XLA:CPU buffers (moe/hostmem.py)
-    from moe.hostmem import use_huge_pages
-
-    use_huge_pages()
-
 import argparse
 import dataclasses
 import json
