@@ -41,7 +41,7 @@ class ModelConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     init_std: float = 0.02  # std of the normal initialiser for weights
     logit_z_loss: float = 0.0  # weight of the output-logit z-loss (PaLM uses 1e-4); 0 = off
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params and optimizer state stay fp32)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params, optimizer state fp32); presets use bfloat16
     remat: str = "none"  # activation checkpointing per block: none | full | save_dots
     scan_layers: bool = True  # scan over identical blocks (compile time flat in depth)
     # --- mixture of experts ---
