@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--quick", action="store_true", help="toy sizes (smoke test; numbers mean nothing)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for train_step's preset, e.g. --set model.dtype=bfloat16")
+                   help="config override for train_step's preset, e.g. --set model.dtype=float32")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     results = run(args.name, quick=args.quick, overrides=args.set)
