@@ -4,14 +4,13 @@ import json
 from collections import Counter
 
 import numpy as np
-import orbax.checkpoint as ocp
-import grain
 import pytest
 
 from moe.config import load_config
 from moe.corpus import DataError, open_corpus
 from moe.data import check_data, eval_batches, train_iterator
 from moe.tokenizer import load_tokenizer
+from tests.helpers.orbax_iter import orbax_roundtrip
 
 BASE = ["model.vocab_size=1024", "train.seq_len=64", "train.batch_size=8"]
 
@@ -109,11 +108,7 @@ def test_iterator_state_resumes_exactly(cfg, tok, tmp_path):
     it = train_iterator(cfg, tok)
     for _ in range(3):
         next(it)
-    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as mngr:
-        mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-        mngr.wait_until_finished()
-        restored = train_iterator(cfg, tok)
-        mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    restored = orbax_roundtrip(it, lambda: train_iterator(cfg, tok), 3, tmp_path / "ckpt")
     for a in want:
         b = next(restored)
         assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -9,9 +9,7 @@ import json
 import sys
 from collections import Counter
 
-import grain
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
@@ -22,6 +20,7 @@ from moe.corpus import DataError, MoeText, open_corpus, text_config  # noqa: E40
 from moe.data import check_data, eval_batches, train_iterator  # noqa: E402
 from moe.tfrecord_source import TfRecordSource  # noqa: E402
 from moe.tokenizer import load_tokenizer  # noqa: E402
+from tests.helpers.orbax_iter import orbax_roundtrip  # noqa: E402
 
 BASE = ["model.vocab_size=1024", "train.seq_len=32", "train.batch_size=4", "data.shuffle_buffer=16"]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -141,11 +140,7 @@ def test_resume_is_bit_exact_across_epochs(dirs, tok, tmp_path):
     resumed = train_iterator(cfg, tok)
     for _ in range(36):
         next(resumed)
-    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as mngr:
-        mngr.save(36, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(resumed)))
-        mngr.wait_until_finished()
-        restored = train_iterator(cfg, tok)
-        mngr.restore(36, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    restored = orbax_roundtrip(resumed, lambda: train_iterator(cfg, tok), 36, tmp_path / "ckpt")
     assert all(equal(w, next(restored)) for w in want[36:])
 
 
