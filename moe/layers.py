@@ -75,16 +75,11 @@ def _mm_lowp_bwd(spec: str, res, g: jax.Array):
     return dx, dw
 
 
-def _varying(a: jax.Array) -> frozenset:
-    """The shard_map mesh axes `a` varies over (empty outside shard_map)."""
-    mat = getattr(jax.typeof(a), "manual_axis_type", None)
-    return mat.varying if mat is not None else frozenset(getattr(jax.typeof(a), "vma", ()))
-
-
 def _sum_to_type_of(primal: jax.Array, grad32: jax.Array) -> jax.Array:
     """Inside shard_map a gradient varies over every axis its factors vary over; an input invariant over some
-    of them (a weight replicated over 'data') gets the sum over those, in fp32, as autodiff's psum would."""
-    extra = _varying(grad32) - _varying(primal)
+    of them (a weight replicated over 'data') gets the sum over those, in fp32, as autodiff's psum would.
+    (`manual_axis_type.varying`: the shard_map axes a value varies over; empty outside shard_map.)"""
+    extra = jax.typeof(grad32).manual_axis_type.varying - jax.typeof(primal).manual_axis_type.varying
     if extra:
         grad32 = jax.lax.psum(grad32, tuple(sorted(extra)))
     return grad32.astype(primal.dtype)
