@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from moe.config import Config, MeshConfig, ModelConfig, load_config, replace
+from moe.hostmem import keep_freed_memory
 from moe.train_lib import matmul_peak
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
@@ -325,7 +326,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}, {jax.devices()[0].platform}"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, host_malloc: bool = False) -> None:
+    """`host_malloc`: apply the preset's `train.host_malloc` (as train.py does) before JAX starts: the command
+    line does; an in-process caller (tests) whose JAX already runs must not."""
     p = argparse.ArgumentParser(prog="python -m moe.bench", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=[*BENCHES, "all"])
     p.add_argument("--json", help="write the figures to this JSON file")
@@ -333,9 +336,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for train_step's preset, e.g. --set model.dtype=float32")
     args = p.parse_args(argv)
+    kept = host_malloc and keep_freed_memory(_preset("small", False, args.set).train.host_malloc == "keep")
     t0 = time.perf_counter()
     results = run(args.name, quick=args.quick, overrides=args.set)
-    results = dict(results, machine=machine(), command="python -m moe.bench " + " ".join(argv or sys.argv[1:]),
+    results = dict(results, machine=machine(), host_malloc="keep" if kept else "system",
+                   command="python -m moe.bench " + " ".join(argv or sys.argv[1:]),
                    wall_s=round(time.perf_counter() - t0, 1))
     print(_table(results))
     if args.json:
@@ -344,4 +349,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(host_malloc=True)

@@ -13,6 +13,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+from moe.hostmem import keep_freed_memory  # noqa: E402
+
+# the default train.host_malloc policy, before JAX starts its threads (in-process train/eval mains then no-op)
+keep_freed_memory()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
