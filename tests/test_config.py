@@ -69,6 +69,7 @@ BAD = [
     (["optim.lr=.nan"], "optim.lr", "positive"),
     (["optim.name=sgd"], "optim.name", "not one of"),
     (["model.dispatch=dropfull"], "model.dispatch", "did you mean 'dropless'"),
+    (["train.host_malloc=kept"], "train.host_malloc", "did you mean 'keep'"),
     (["model.top_k=9"], "model.top_k", "<= model.num_experts"),
     (["model.top_k=0"], "model.top_k", ">= 1"),
     (["model.num_layers=3"], "model.moe_every", "must divide model.num_layers"),
