@@ -13,7 +13,7 @@ buffers, e.g. the [E, D, F] expert weight gradients (805 MB in fp32 at E=64, D=5
 What. mallopt(M_MMAP_MAX=0) serves large blocks from the heap, M_TRIM_THRESHOLD=-1 never gives the heap
 top back, and M_ARENA_MAX=1 puts every thread on the main heap (glibc's other arenas are 64 MiB heaps, which
 map larger blocks afresh whatever M_MMAP_MAX says). The cost: the process keeps its peak host memory mapped
-(the `small` train step: 8.7 GB RSS against 3.9 GB, two steps in flight), the first steps fault that peak in
+(a `small` train-step process: 8.7 GB RSS against 3.9 GB), the first steps fault that peak in
 once, and threads share one malloc lock. Device memory on TPU/GPU is not malloc'd: there only host-side
 buffers (input pipeline, checkpoint staging) are affected; "system" leaves malloc as it is.
 """
