@@ -130,14 +130,14 @@ def main(argv=None) -> int:
     from moe.checkpoint import CheckpointError
     from moe.config import ConfigError
     from moe.corpus import DataError
-    from moe.hostmem import keep_freed_memory
+    from moe.hostmem import set_host_malloc
 
     try:
         bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(OVERRIDABLE)]
         if bad:
             raise E.EvalError(f"eval can only override {', '.join(OVERRIDABLE)} keys, not: {', '.join(bad)}")
         # the run's host malloc policy, set before JAX starts its threads (moe/hostmem.py)
-        keep_freed_memory(E.load_run_config(args.workdir, args.overrides).train.host_malloc == "keep")
+        set_host_malloc(E.load_run_config(args.workdir, args.overrides).train.host_malloc)
         for path in T.task_files(args.tasks):  # malformed task files fail before anything compiles
             T.load_task(path)
         steps = E.checkpoint_steps(args.workdir) if args.all else [args.step]

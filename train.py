@@ -35,9 +35,8 @@ MAX_ROLLBACKS_PER_STEP = 3
 FAULT_ENV = ("MOE_FAULT_NAN_STEPS", "MOE_FAULT_SPIKE_STEPS", "MOE_FAULT_SIGTERM_STEP")
 # Keys that may differ from the checkpoint's config on resume; any other difference is an error.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.progress",
-                  "train.host_malloc",
-                  "train.spike_factor", "train.spike_window", "train.init_from", "checkpoint.", "mesh.",
-                  "data.num_workers", "data.data_dir", "optim.max_consecutive_skips", "name")
+                  "train.host_malloc", "train.spike_factor", "train.spike_window", "train.init_from", "checkpoint.",
+                  "mesh.", "data.num_workers", "data.data_dir", "optim.max_consecutive_skips", "name")
 
 log = logging.getLogger("moe.train")
 
@@ -124,11 +123,11 @@ def main(argv=None) -> int:
     from moe.checkpoint import CheckpointError
     from moe.config import ConfigError, load_config
     from moe.corpus import DataError
-    from moe.hostmem import keep_freed_memory
+    from moe.hostmem import set_host_malloc
 
     try:
         cfg = load_config(args.config, args.overrides)
-        keep_freed_memory(cfg.train.host_malloc == "keep")  # before JAX starts its threads
+        set_host_malloc(cfg.train.host_malloc)  # before JAX starts its threads
         if args.aot:
             from moe.aot import aot_main
 

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from moe.config import Config, MeshConfig, ModelConfig, load_config, replace
-from moe.hostmem import keep_freed_memory
+from moe.hostmem import set_host_malloc
 from moe.train_lib import matmul_peak
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None, host_malloc: bool = False) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for train_step's preset, e.g. --set model.dtype=float32")
     args = p.parse_args(argv)
-    kept = host_malloc and keep_freed_memory(_preset("small", False, args.set).train.host_malloc == "keep")
+    kept = host_malloc and set_host_malloc(_preset("small", False, args.set).train.host_malloc)
     t0 = time.perf_counter()
     results = run(args.name, quick=args.quick, overrides=args.set)
     results = dict(results, machine=machine(), host_malloc="keep" if kept else "system",

@@ -1,6 +1,6 @@
 """Host memory: keep freed memory for reuse instead of handing it back to the kernel (glibc only).
 
-Owns: the malloc policy of the process, config key `train.host_malloc` ("keep" | "system"). Entry points
+Owns: the malloc policy of the process, config key `train.host_malloc` (`set_host_malloc`). Entry points
 apply it before JAX starts its threads (train.py after loading the config, eval.py, `python -m moe.bench`):
 threads that have already allocated keep their own malloc arena, which the policy cannot reach.
 
@@ -30,11 +30,12 @@ TRIM_THRESHOLD = -1  # never trim (mallopt(3): -1 disables trimming)
 _applied: bool | None = None
 
 
-def keep_freed_memory(enabled: bool = True) -> bool:
-    """Applies the policy (once per process; later calls change nothing). True if it is in effect: glibc only."""
+def set_host_malloc(policy: str) -> bool:
+    """Applies `train.host_malloc` ("keep" | "system") once per process; later calls change nothing.
+    True if "keep" is in effect (glibc only)."""
     global _applied
     if _applied is None:
-        _applied = enabled and _apply()
+        _applied = policy == "keep" and _apply()
     return _applied
 
 

@@ -13,10 +13,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from moe.hostmem import keep_freed_memory  # noqa: E402
+from moe.hostmem import set_host_malloc  # noqa: E402
 
 # the default train.host_malloc policy, before JAX starts its threads (in-process train/eval mains then no-op)
-keep_freed_memory()
+set_host_malloc("keep")
 
 import jax  # noqa: E402
 

@@ -11,8 +11,8 @@ from moe import hostmem
 # madvises huge pages itself), frees it, writes a second one; prints the minor page faults of the second.
 PROBE = """
 import ctypes, ctypes.util, resource, sys
-from moe.hostmem import keep_freed_memory
-print(keep_freed_memory(sys.argv[1] == "keep"))
+from moe.hostmem import set_host_malloc
+print(set_host_malloc(sys.argv[1]))
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -52,4 +52,4 @@ def test_system_maps_every_large_buffer_afresh():
 
 def test_policy_is_applied_once_per_process():
     # conftest applied the default ("keep") before JAX started; a later call cannot undo or redo it
-    assert hostmem.keep_freed_memory(False) == hostmem.keep_freed_memory(True)
+    assert hostmem.set_host_malloc("system") == hostmem.set_host_malloc("keep")
