@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from moe import config as C
+from moe.attention import masked_attention
 from moe.model import Decoder, compute_dtype
 
 PAD_MULTIPLE = 16  # prompt and cache lengths are rounded up to this to bound the number of compilations
@@ -46,8 +47,7 @@ def _attend_cached(attn, x_BTD, positions_BT, k_BSKH, v_BSKH, index, valid_BS):
     v_BSKH = jax.lax.dynamic_update_slice_in_dim(v_BSKH, v.astype(v_BSKH.dtype), index, axis=1)
     t, s = x_BTD.shape[1], k_BSKH.shape[1]
     causal_TS = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]
-    mask_B1TS = (causal_TS[None] & valid_BS[:, None, :])[:, None]
-    o = jax.nn.dot_product_attention(q, k_BSKH, v_BSKH, mask=mask_B1TS)
+    o = masked_attention(q, k_BSKH, v_BSKH, causal_TS[None] & valid_BS[:, None, :])
     return attn.out(o), k_BSKH, v_BSKH
 
 

@@ -8,12 +8,12 @@ Params are fp32; `dtype` is the compute dtype (inputs of matmuls are cast to it,
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe.attention import causal_attention
+from moe.matmul import mm
 from moe.sharding import constrain
 
 
@@ -40,52 +40,6 @@ def gathered(w: jax.Array, names: tuple[str | None, ...], dtype) -> jax.Array:
     places the gather after the cast; other dims ('heads', 'mlp', 'vocab' over 'tensor') stay split.
     """
     return constrain(w.astype(dtype), tuple(None if n == "embed" else n for n in names))
-
-
-def mm(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """einsum with inputs in the compute dtype and fp32 accumulation (the fast path on CPU, TPU and GPU).
-
-    In a low-precision dtype the backward dots also take low-precision inputs (`_mm_lowp`): autodiff alone
-    would feed them the fp32 cotangent, and a mixed fp32 x bf16 dot runs as an fp32 one.
-    """
-    if jnp.dtype(dtype) == jnp.float32:
-        return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-    return _mm_lowp(spec, x.astype(dtype), w.astype(dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _mm_lowp(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-
-
-def _mm_lowp_fwd(spec: str, x: jax.Array, w: jax.Array):
-    return _mm_lowp(spec, x, w), (x, w)
-
-
-def _mm_lowp_bwd(spec: str, res, g: jax.Array):
-    """Mixed-precision backward (Micikevicius et al. 2018): the cotangent is rounded to the inputs' dtype,
-    both gradient dots accumulate in fp32, and each gradient is rounded once to its input's dtype.
-    Every index of a spec here is shared by two of its three operands (batch or contraction: no index is
-    summed within one operand), so the gradients are the two einsums with an operand swapped for the output."""
-    x, w = res
-    (a, b), out = spec.split("->")[0].split(","), spec.split("->")[1]
-    g = g.astype(x.dtype)
-    dx = _sum_to_type_of(x, jnp.einsum(f"{out},{b}->{a}", g, w, preferred_element_type=jnp.float32))
-    dw = _sum_to_type_of(w, jnp.einsum(f"{a},{out}->{b}", x, g, preferred_element_type=jnp.float32))
-    return dx, dw
-
-
-def _sum_to_type_of(primal: jax.Array, grad32: jax.Array) -> jax.Array:
-    """Inside shard_map a gradient varies over every axis its factors vary over; an input invariant over some
-    of them (a weight replicated over 'data') gets the sum over those, in fp32, as autodiff's psum would.
-    (`manual_axis_type.varying`: the shard_map axes a value varies over; empty outside shard_map.)"""
-    extra = jax.typeof(grad32).manual_axis_type.varying - jax.typeof(primal).manual_axis_type.varying
-    if extra:
-        grad32 = jax.lax.psum(grad32, tuple(sorted(extra)))
-    return grad32.astype(primal.dtype)
-
-
-_mm_lowp.defvjp(_mm_lowp_fwd, _mm_lowp_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -115,8 +69,9 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
 class Attention(nnx.Module):
     """Causal multi-head attention with grouped-query heads, optional qk-norm, RoPE, document masking.
 
-    Uses `jax.nn.dot_product_attention`, so cuDNN flash attention (GPU) or XLA's fused path is used where it
-    exists. Tokens attend only to earlier tokens of the same packed document (same segment id).
+    The softmax(QK^T)V is `attention.causal_attention`: `jax.nn.dot_product_attention` (cuDNN flash attention
+    on GPU) off CPU, a blockwise kernel on CPU. Tokens attend only to earlier tokens of the same packed
+    document (same segment id).
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qk_norm: bool,
@@ -146,12 +101,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
         q, k, v = self.qkv(x_BTD, positions_BT)
-        t = x_BTD.shape[1]
-        causal_TT = jnp.tril(jnp.ones((t, t), bool))
-        same_doc_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-        mask_B1TT = (causal_TT[None] & same_doc_BTT)[:, None]
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask_B1TT)
-        return self.out(o)
+        return self.out(causal_attention(q, k, v, segment_ids_BT))
 
 
 class FFN(nnx.Module):

@@ -21,7 +21,8 @@ from flax import nnx
 
 from moe import config as C
 from moe.config import ModelConfig
-from moe.layers import FFN, Attention, Embed, RMSNorm, gathered, mm, param
+from moe.layers import FFN, Attention, Embed, RMSNorm, gathered, param
+from moe.matmul import mm
 from moe.moe_layer import MoEFFN
 from moe.sharding import constrain
 

@@ -22,7 +22,8 @@ from moe import dispatch as D
 from moe import expert_parallel as EP
 from moe import router as R
 from moe.config import ModelConfig
-from moe.layers import FFN, gated_act, mm, param
+from moe.layers import FFN, gated_act, param
+from moe.matmul import mm
 
 
 def expert_ffn(x_GECD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD, act: str, dtype) -> jax.Array:

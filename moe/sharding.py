@@ -122,5 +122,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec)
 
 
+def target_platform() -> str:
+    """The platform the code being traced will run on: the mesh's (an AOT compile for a TPU topology on a CPU
+    host traces under a TPU mesh), else JAX's default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1)))
