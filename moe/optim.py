@@ -24,6 +24,7 @@ setting; the defaults 0.9/0.99 are for vision). E.g. AdamW lr 3e-3, wd 0.1 -> Li
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -117,7 +118,7 @@ def _betas(cfg: OptimConfig, default: tuple[float, float]) -> tuple[float, float
     return (cfg.b1 or default[0], cfg.b2 or default[1])
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> Optimizer:
     """clip -> adamw | lion | adafactor (scheduled lr, masked decoupled weight decay), inside apply_if_finite.
 
     Weight decay is multiplied by the scheduled lr for all three (optax's adamw/lion convention,
@@ -142,7 +143,47 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     else:
         raise ValueError(f"optim.name: unknown optimizer '{cfg.name}'")
     parts = ([optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []) + [opt]
-    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=cfg.max_consecutive_skips)
+    return Optimizer(optax.chain(*parts), cfg.max_consecutive_skips)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """`optax.apply_if_finite(inner, max_consecutive_skips)`, plus `step`, which also applies the update.
+
+    `init` and `update` are apply_if_finite's own (state `optax.ApplyIfFiniteState`). `step(grads, state,
+    params) -> (params, state)` is `apply_updates(params, update(...)[0])` with `apply_updates` moved inside
+    the skip's `lax.cond`: outside it, XLA materialises the whole update tree and reads it back in a second
+    pass (on `small`'s 57.7M parameters, 2 CPU cores: 128 -> 88 ms per optimizer step, measured). Finiteness
+    is read from the global gradient norm, the expression `clip_by_global_norm` and the `grad_norm` metric
+    compute too, so XLA evaluates it once: the norm is NaN/Inf iff some gradient is, or if the sum of squares
+    overflows fp32 (a step worth skipping as well).
+    """
+
+    inner: optax.GradientTransformation
+    max_consecutive_skips: int
+
+    def _wrapped(self) -> optax.GradientTransformationExtraArgs:
+        return optax.apply_if_finite(self.inner, max_consecutive_errors=self.max_consecutive_skips)
+
+    def init(self, params: Any) -> optax.ApplyIfFiniteState:
+        return self._wrapped().init(params)
+
+    def update(self, grads: Any, state: optax.ApplyIfFiniteState, params: Any = None):
+        return self._wrapped().update(grads, state, params)
+
+    def step(self, grads: Any, state: optax.ApplyIfFiniteState, params: Any) -> tuple[Any, optax.ApplyIfFiniteState]:
+        finite = jnp.isfinite(optax.tree.norm(grads))
+        notfinite_count = jnp.where(finite, 0, optax.safe_increment(state.notfinite_count))
+
+        def apply(_):
+            updates, inner_state = self.inner.update(grads, state.inner_state, params)
+            return optax.apply_updates(params, updates), inner_state
+
+        params, inner_state = jax.lax.cond(finite | (notfinite_count > self.max_consecutive_skips), apply,
+                                           lambda _: (params, state.inner_state), None)
+        total = jnp.where(finite, state.total_notfinite, optax.safe_increment(state.total_notfinite))
+        return params, optax.ApplyIfFiniteState(notfinite_count=notfinite_count, last_finite=finite,
+                                                total_notfinite=total, inner_state=inner_state)
 
 
 def skip_stats(opt_state: Any) -> dict[str, jax.Array]:

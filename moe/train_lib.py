@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moe import sharding as S
 from moe.config import Config, is_moe
 from moe.model import Decoder, loss_fn
-from moe.optim import make_optimizer, make_schedule, skip_stats
+from moe.optim import Optimizer, make_optimizer, make_schedule, skip_stats
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
@@ -32,7 +32,7 @@ class Setup:
     cfg: Config
     mesh: Mesh
     graphdef: Any  # nnx GraphDef of the Decoder (the params live in the state)
-    tx: optax.GradientTransformation
+    tx: Optimizer
     schedule: optax.Schedule
     abstract_state: Any  # ShapeDtypeStructs with shardings
     state_shardings: Any
@@ -153,8 +153,7 @@ def train_step_fn(setup: Setup) -> Callable:
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
         rng = jax.random.fold_in(state["rng"], state["step"])
         grads, metrics = _grads(setup, state["params"], batch, rng)
-        updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params, opt_state = setup.tx.step(grads, state["opt_state"], state["params"])
         skips = skip_stats(opt_state)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=setup.schedule(state["step"]),
                        param_norm=optax.tree.norm(params), skipped_total=skips["skipped_total"],

@@ -148,3 +148,22 @@ def test_optimizer_reduces_least_squares(name, lr):
     start, end = float(loss(params)), float(loss(p))
     # at least 60% of the reducible loss removed in 50 steps
     assert end - best < 0.4 * (start - best), (name, start, end, best)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor"])
+def test_step_equals_update_then_apply_updates(name):
+    """Optimizer.step (the train step's fused path) == apply_updates(params, update(...)) through good
+    steps, skipped NaN steps and the give-up past max_consecutive_skips: same params and same state."""
+    params = {"w": jnp.arange(6.0).reshape(2, 3) / 7, "norm": {"scale": jnp.ones(3)}}
+    opt = make_optimizer(_cfg(name=name, lr=0.1, max_consecutive_skips=1), total_steps=10)
+    good = {"w": jnp.full((2, 3), 0.5), "norm": {"scale": jnp.arange(3.0)}}
+    bad = {"w": good["w"].at[1, 2].set(jnp.inf), "norm": good["norm"]}
+    ref_p, ref_s = params, opt.init(params)
+    got_p, got_s = params, opt.init(params)
+    update, step = jax.jit(opt.update), jax.jit(opt.step)
+    for g in (good, bad, good, bad, bad, good):
+        upd, ref_s = update(g, ref_s, ref_p)
+        ref_p = optax.apply_updates(ref_p, upd)
+        got_p, got_s = step(g, got_s, got_p)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), (got_p, got_s), (ref_p, ref_s))
+    assert int(got_s.total_notfinite) == 3 and bool(jnp.isnan(got_p["w"]).any())  # the 2nd bad in a row applied
