@@ -38,21 +38,28 @@ from moe.train_lib import matmul_peak
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _rounds(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
-    """Warm-up once each, then `reps` interleaved rounds; seconds per call per variant."""
-    for f in fns.values():
-        jax.block_until_ready(f())
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(reps):
-        for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fns[k]())
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
 def _paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def _ratios_to(ref: str, fns: dict[str, Callable[[], Any]], reps: int) -> tuple[dict[str, float], list[float]]:
+    """Median over `reps` rounds of time(fn) / time(ref), each fn timed right next to its own call of ref (in
+    alternating order), so the machine's slow speed drifts (seconds long on this VM) cancel within a pair.
+    Returns the ratios and the ref's times."""
+    for f in fns.values():
+        jax.block_until_ready(f())
+    ratios: dict[str, list[float]] = {k: [] for k in fns if k != ref}
+    ref_times: list[float] = []
+    for r in range(reps):
+        for k in ratios:
+            pair = {}
+            for name in ((ref, k) if r % 2 == 0 else (k, ref)):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fns[name]())
+                pair[name] = time.perf_counter() - t0
+            ratios[k].append(pair[k] / pair[ref])
+            ref_times.append(pair[ref])
+    return {k: statistics.median(v) for k, v in ratios.items()}, ref_times
 
 
 # --- 1. MoE layer vs dense FFN -------------------------------------------------------------------------
@@ -104,10 +111,10 @@ def bench_moe_layer(quick: bool = False, dtype: str = "float32", reps: int = 5,
     for e in experts:
         cfg = ModelConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, capacity_factor=1.25, dtype=dtype)
         fns[f"capacity_e{e}"] = _fwd_bwd(_Train(cfg, cdt), x)
-    times = _rounds(fns, reps)
-    out: dict[str, Any] = {f"ratio_e{e}": _paired_ratio(times, f"capacity_e{e}", "dense") for e in experts}
+    ratios, dense_s = _ratios_to("dense", fns, reps)
+    out: dict[str, Any] = {f"ratio_e{e}": ratios[f"capacity_e{e}"] for e in experts}
     out["flatness"] = out["ratio_e64"] / out["ratio_e8"]
-    out["dense_fwd_bwd_s"] = statistics.median(times["dense"])
+    out["dense_fwd_bwd_s"] = statistics.median(dense_s)
     # The dropless path (ragged_dot) falls back to a dense masked matmul over all E groups on CPU: its cost
     # grows ~E-fold, so by default only the small E are run (one timed round: a round takes minutes at E=64).
     if dropless_experts:
@@ -115,9 +122,9 @@ def bench_moe_layer(quick: bool = False, dtype: str = "float32", reps: int = 5,
         for e in dropless_experts:
             cfg = ModelConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, dispatch="dropless", dtype=dtype)
             fns[f"dropless_e{e}"] = _fwd_bwd(_Train(cfg, cdt), x)
-        times = _rounds(fns, 1 if not quick else reps)
+        ratios, _ = _ratios_to("dense", fns, 1 if not quick else reps)
         for e in dropless_experts:
-            out[f"dropless_ratio_e{e}"] = _paired_ratio(times, f"dropless_e{e}", "dense")
+            out[f"dropless_ratio_e{e}"] = ratios[f"dropless_e{e}"]
     out.update(tokens=t, d_model=d, d_ff=f, top_k=k, capacity_factor=1.25, dtype=dtype, rounds=reps)
     return out
 
