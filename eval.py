@@ -10,7 +10,7 @@
 
 Sections: arguments -> load the run -> language modelling -> tasks -> lm-eval -> output. The run's config and
 tokenizer come from the workdir; params are restored onto the devices present now. Bad input exits with
-status 2 and one line naming what to fix. Method: moe/eval_lib.py; task-file format: moe/tasks.py;
+status 2 and one line naming what to fix. Method: moe/eval/lm.py; task-file format: moe/eval/tasks.py;
 README: docs/eval.md.
 """
 
@@ -23,7 +23,6 @@ import os
 import sys
 
 EXIT_BAD_INPUT = 2
-OVERRIDABLE = ("data.", "train.batch_size", "train.seq_len", "mesh.")  # what `key=value` may change for eval
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,24 +48,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lm_eval_limit", type=int, default=None, help="lm-eval: examples per task at most")
     p.add_argument("--lm_eval_shots", type=int, default=None, help="lm-eval: num_fewshot (default: the task's)")
     p.add_argument("--out", default=None, help="write results as JSON here (with --all: default WORKDIR/eval/)")
-    p.add_argument("overrides", nargs="*", help=f"key.sub=value for keys starting with {', '.join(OVERRIDABLE)}")
+    from moe.config import EVAL_OVERRIDABLE
+
+    p.add_argument("overrides", nargs="*", help=f"key.sub=value for keys starting with {', '.join(EVAL_OVERRIDABLE)}")
     return p.parse_args(argv)
 
 
 def evaluate(run, args) -> dict:
     """Everything asked for at one checkpoint -> a flat-ish results dict."""
-    from moe import eval_lib as E
-    from moe import tasks as T
+    from moe.eval import lm as eval_lm
+    from moe.eval import tasks
 
     res: dict = {"step": run.step}
     if not args.no_lm:
-        res.update(E.evaluate_lm(run, args.split, args.max_batches))
+        res.update(eval_lm.evaluate_lm(run, args.split, args.max_batches))
     if args.tasks:
         res["tasks"] = {}
-        for path in T.task_files(args.tasks):
-            task = T.load_task(path)
+        for path in tasks.task_files(args.tasks):
+            task = tasks.load_task(path)
             for k in args.shots:
-                res["tasks"][f"{task.name}/{k}-shot"] = T.run_task(run, task, k, args.seed, run.cfg.train.batch_size)
+                res["tasks"][f"{task.name}/{k}-shot"] = tasks.run_task(run, task, k, args.seed, run.cfg.train.batch_size)
     if args.lm_eval:
         res["lm_eval"] = run_lm_eval(run, args)
     return res
@@ -125,23 +126,21 @@ def plot_curve(rows: list[dict], path: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from moe import eval_lib as E
-    from moe import tasks as T
-    from moe.checkpoint import CheckpointError
-    from moe.config import ConfigError
-    from moe.corpus import DataError
-    from moe.hostmem import set_host_malloc
+    from moe.eval import lm as eval_lm
+    from moe.eval import tasks
+    from moe.train.checkpoint import CheckpointError
+    from moe.config import ConfigError, check_eval_overrides
+    from moe.data.corpus import DataError
+    from moe.runtime.hostmem import set_host_malloc
 
     try:
-        bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(OVERRIDABLE)]
-        if bad:
-            raise E.EvalError(f"eval can only override {', '.join(OVERRIDABLE)} keys, not: {', '.join(bad)}")
-        # the run's host malloc policy, set before JAX starts its threads (moe/hostmem.py)
-        set_host_malloc(E.load_run_config(args.workdir, args.overrides).train.host_malloc)
-        for path in T.task_files(args.tasks):  # malformed task files fail before anything compiles
-            T.load_task(path)
-        steps = E.checkpoint_steps(args.workdir) if args.all else [args.step]
-        run = E.load_run(args.workdir, steps[0], batch_size=args.batch_size, overrides=args.overrides)
+        check_eval_overrides(args.overrides)
+        # the run's host malloc policy, set before JAX starts its threads (moe/runtime/hostmem.py)
+        set_host_malloc(eval_lm.load_run_config(args.workdir, args.overrides).train.host_malloc)
+        for path in tasks.task_files(args.tasks):  # malformed task files fail before anything compiles
+            tasks.load_task(path)
+        steps = eval_lm.checkpoint_steps(args.workdir) if args.all else [args.step]
+        run = eval_lm.load_run(args.workdir, steps[0], batch_size=args.batch_size, overrides=args.overrides)
         if args.generate is not None:
             text = run.generator().generate(run.tok, [args.generate], args.max_tokens, temperature=args.temperature,
                                             top_p=args.top_p, stop=args.stop, seed=args.seed)[0]
@@ -151,11 +150,11 @@ def main(argv=None) -> int:
         rows = []
         for step in steps:
             if step is not None and step != run.step:
-                run = E.restore(run, step)
+                run = eval_lm.restore(run, step)
             res = evaluate(run, args)
             rows.append(res)
             print(table(res), flush=True)
-    except (E.EvalError, ConfigError, DataError, CheckpointError) as e:
+    except (eval_lm.EvalError, ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.all:

@@ -16,7 +16,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -25,127 +25,179 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and what is allowed."""
 
 
+INT_MAX = 2**31 - 1  # step counters and sizes live in int32 arrays on device
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric field: finite, within [lo, hi] (ends open where said), or one of `also`."""
+
+    lo: float | None = None
+    hi: float | None = INT_MAX
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()
+    text: str = ""  # how the message says it; derived from the bounds when empty
+
+    def ok(self, v: float) -> bool:
+        if v in self.also:
+            return True
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def describe(self) -> str:
+        if self.text:
+            return self.text
+        if self.lo is not None and self.hi not in (None, INT_MAX):
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return "positive (> 0)" if self.lo == 0 and self.lo_open else f"{'>' if self.lo_open else '>='} {self.lo:g}"
+
+
+POS = Range(0, lo_open=True)  # > 0 (ints: >= 1)
+NONNEG = Range(0)  # >= 0
+ATLEAST1 = Range(1)
+FRACTION = Range(0, 1, hi_open=True)  # [0, 1)
+FPOS = Range(0, None, lo_open=True)  # floats: finite and > 0
+FNONNEG = Range(0, None)  # floats: finite and >= 0
+AXIS = Range(1, also=(-1,), text=">= 1 or -1 (fill)")
+
+
+def f(default: Any, help: str, rng: Range | None = None, *, resume: bool = False, eval: bool = False):
+    """A config field: its default, its one-line help, its allowed range (numbers), and whether it may change
+    when a run resumes (`resume`) and when eval.py evaluates a run (`eval`)."""
+    return field(default=default, metadata={"help": help, "range": rng, "resume": resume, "eval": eval})
+
+
+def section(cls, help: str, *, resume: bool = False, eval: bool = False):
+    return field(default_factory=cls, metadata={"help": help, "resume": resume, "eval": eval})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 8192  # tokenizer vocabulary; the builtin tokenizer is trained to this size
-    d_model: int = 128  # D: residual stream width
-    num_layers: int = 4  # transformer layers; must be a multiple of moe_every
-    num_heads: int = 4  # H: query heads
-    num_kv_heads: int = 0  # key/value heads for grouped-query attention; 0 = num_heads (plain MHA)
-    head_dim: int = 0  # per-head width; 0 = d_model // num_heads
-    d_ff: int = 512  # F: hidden width of the dense FFN and of each expert
-    ffn_act: str = "geglu"  # geglu (GLaM's gated GELU) | swiglu
-    tie_embeddings: bool = True  # share input embedding and output projection (GLaM)
-    qk_norm: bool = False  # RMSNorm on queries and keys before RoPE
-    rope_theta: float = 10000.0  # RoPE base frequency
-    norm_eps: float = 1e-6  # RMSNorm epsilon
-    init_std: float = 0.02  # std of the normal initialiser for weights
-    logit_z_loss: float = 0.0  # weight of the output-logit z-loss (PaLM uses 1e-4); 0 = off
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params, optimizer state fp32); presets use bfloat16
-    remat: str = "none"  # activation checkpointing per block: none | full | save_dots
-    scan_layers: bool = True  # scan over identical blocks (compile time flat in depth)
+    vocab_size: int = f(8192, "tokenizer vocabulary; the builtin tokenizer is trained to this size", POS)
+    d_model: int = f(128, "D: residual stream width", POS)
+    num_layers: int = f(4, "transformer layers; must be a multiple of moe_every", POS)
+    num_heads: int = f(4, "H: query heads", POS)
+    num_kv_heads: int = f(0, "key/value heads for grouped-query attention; 0 = num_heads (plain MHA)", NONNEG)
+    head_dim: int = f(0, "per-head width; 0 = d_model // num_heads", NONNEG)
+    d_ff: int = f(512, "F: hidden width of the dense FFN and of each expert", POS)
+    ffn_act: Literal["geglu", "swiglu"] = f("geglu", "geglu (GLaM's gated GELU) | swiglu")
+    tie_embeddings: bool = f(True, "share input embedding and output projection (GLaM)")
+    qk_norm: bool = f(False, "RMSNorm on queries and keys before RoPE")
+    rope_theta: float = f(10000.0, "RoPE base frequency", FPOS)
+    norm_eps: float = f(1e-6, "RMSNorm epsilon", FNONNEG)
+    init_std: float = f(0.02, "std of the normal initialiser for weights", FNONNEG)
+    logit_z_loss: float = f(0.0, "weight of the output-logit z-loss (PaLM uses 1e-4); 0 = off", FNONNEG)
+    dtype: Literal["float32", "bfloat16"] = f(
+        "float32", "compute dtype: float32 | bfloat16 (params, optimizer state fp32); presets use bfloat16")
+    remat: Literal["none", "full", "save_dots"] = f("none", "activation checkpointing per block: none | full | save_dots")
+    scan_layers: bool = f(True, "scan over identical blocks (compile time flat in depth)")
     # --- mixture of experts ---
-    num_experts: int = 8  # E; 0 or moe_every = 0 gives a dense model
-    top_k: int = 2  # K: experts per token
-    moe_every: int = 2  # every N-th layer is MoE (GLaM: 2; the first of each group); 1 = all; 0 = dense
-    num_shared_experts: int = 0  # always-on experts added to the routed output (DeepSeekMoE)
-    dispatch: str = "capacity"  # capacity (index gather/scatter, drops overflow) | dropless (ragged_dot)
-    capacity_factor: float = 1.25  # training capacity factor: C = ceil(cf * K * T / E)
-    eval_capacity_factor: float = 2.0  # capacity factor in evaluation
-    min_capacity: int = 4  # lower bound on C per expert
-    renormalize_gates: bool = True  # gates renormalised over the chosen K (GShard/GLaM); False = Switch
-    router_jitter: float = 0.0  # multiplicative uniform jitter on router inputs in training (Switch); 0 = off
-    aux_loss_weight: float = 0.01  # Switch load-balance loss weight (alpha)
-    router_z_loss_weight: float = 0.001  # ST-MoE router z-loss weight
+    num_experts: int = f(8, "E; 0 or moe_every = 0 gives a dense model", NONNEG)
+    top_k: int = f(2, "K: experts per token", ATLEAST1)
+    moe_every: int = f(2, "every N-th layer is MoE (GLaM: 2; the first of each group); 1 = all; 0 = dense", NONNEG)
+    num_shared_experts: int = f(0, "always-on experts added to the routed output (DeepSeekMoE)", NONNEG)
+    dispatch: Literal["capacity", "dropless"] = f(
+        "capacity", "capacity (index gather/scatter, drops overflow) | dropless (ragged_dot)")
+    capacity_factor: float = f(1.25, "training capacity factor: C = ceil(cf * K * T / E)", FPOS)
+    eval_capacity_factor: float = f(2.0, "capacity factor of a capacity-dispatch forward pass with train=False "
+                                    "(evaluation itself is dropless: moe/eval/lm.py)", FPOS)
+    min_capacity: int = f(4, "lower bound on C per expert", ATLEAST1)
+    renormalize_gates: bool = f(True, "gates renormalised over the chosen K (GShard/GLaM); False = Switch")
+    router_jitter: float = f(0.0, "multiplicative uniform jitter on router inputs in training (Switch); 0 = off",
+                             FRACTION)
+    aux_loss_weight: float = f(0.01, "Switch load-balance loss weight (alpha)", FNONNEG)
+    router_z_loss_weight: float = f(0.001, "ST-MoE router z-loss weight", FNONNEG)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "builtin"  # builtin (stdlib .py files) | tfds (a TFDS dataset) | files (local text/JSONL)
-    tfds_name: str = ""  # with source=tfds: name[/config][:version], e.g. c4/en:3.1.0
-    data_dir: str = ""  # TFDS data dir (local path or gs:// bucket); "" = runs/_tfds
-    files: tuple[str, ...] = ()  # with source=files: paths or globs of .txt / .jsonl files
-    text_key: str = "text"  # feature (or JSON field) holding the document text
-    train_split: str = "train"  # split to train on
-    eval_split: str = "validation"  # split to evaluate on
-    tokenizer: str = ""  # path to a SentencePiece .model; "" = train one on the source and cache it
-    validation_fraction: float = 0.05  # builtin/files: fraction of documents held out (by a stable hash)
-    shuffle_buffer: int = 1024  # documents shuffled before packing (in addition to a global shuffle)
-    num_workers: int = 0  # grain worker processes; 0 = read in the training process
+    source: Literal["builtin", "tfds", "files"] = f(
+        "builtin", "builtin (stdlib .py files) | tfds (a TFDS dataset) | files (local text/JSONL)")
+    tfds_name: str = f("", "with source=tfds: name[/config][:version], e.g. c4/en:3.1.0")
+    data_dir: str = f("", "TFDS data dir (local path or gs:// bucket); \"\" = runs/_tfds", resume=True)
+    files: tuple[str, ...] = f((), "with source=files: paths or globs of .txt / .jsonl files")
+    text_key: str = f("text", "feature (or JSON field) holding the document text")
+    train_split: str = f("train", "split to train on")
+    eval_split: str = f("validation", "split to evaluate on")
+    tokenizer: str = f("", "path to a SentencePiece .model; \"\" = train one on the source and cache it")
+    validation_fraction: float = f(0.05, "builtin/files: fraction of documents held out (by a stable hash)",
+                                   Range(0, 1, lo_open=True, hi_open=True))
+    shuffle_buffer: int = f(1024, "documents shuffled before packing (in addition to a global shuffle)", ATLEAST1)
+    num_workers: int = f(0, "grain worker processes; 0 = read in the training process", NONNEG, resume=True)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"  # adamw | lion | adafactor
-    lr: float = 3e-3  # peak learning rate
-    b1: float = 0.0  # first-moment decay; 0 = default for the optimizer (adamw 0.9, lion 0.95)
-    b2: float = 0.0  # second-moment decay; 0 = default (adamw 0.95, lion 0.98)
-    eps: float = 1e-8  # adamw epsilon
-    weight_decay: float = 0.1  # decoupled weight decay (not applied to norms)
-    decay_embeddings: bool = False  # apply weight decay to the embedding table too
-    schedule: str = "cosine"  # cosine | rsqrt (GLaM) | wsd (warmup-stable-decay) | constant
-    warmup_steps: int = 100  # linear warmup from 0
-    decay_fraction: float = 0.2  # wsd: fraction of steps in the final linear decay
-    min_lr_ratio: float = 0.1  # final lr as a fraction of peak (cosine, wsd)
-    clip_norm: float = 1.0  # global gradient-norm clipping; 0 = off
-    grad_accum: int = 1  # micro-batches accumulated per update
-    max_consecutive_skips: int = 5  # non-finite updates skipped in a row before the run rolls back
+    name: Literal["adamw", "lion", "adafactor"] = f("adamw", "adamw | lion | adafactor")
+    lr: float = f(3e-3, "peak learning rate", FPOS)
+    b1: float = f(0.0, "first-moment decay; 0 = default for the optimizer (adamw 0.9, lion 0.95)", FRACTION)
+    b2: float = f(0.0, "second-moment decay; 0 = default (adamw 0.95, lion 0.98)", FRACTION)
+    eps: float = f(1e-8, "adamw epsilon", FPOS)
+    weight_decay: float = f(0.1, "decoupled weight decay (not applied to norms)", FNONNEG)
+    decay_embeddings: bool = f(False, "apply weight decay to the embedding table too")
+    schedule: Literal["cosine", "rsqrt", "wsd", "constant"] = f(
+        "cosine", "cosine | rsqrt (GLaM) | wsd (warmup-stable-decay) | constant")
+    warmup_steps: int = f(100, "linear warmup from 0", NONNEG)
+    decay_fraction: float = f(0.2, "wsd: fraction of steps in the final linear decay", Range(0, 1, lo_open=True))
+    min_lr_ratio: float = f(0.1, "final lr as a fraction of peak (cosine, wsd)", Range(0, 1))
+    clip_norm: float = f(1.0, "global gradient-norm clipping; 0 = off", FNONNEG)
+    grad_accum: int = f(1, "micro-batches accumulated per update", ATLEAST1)
+    max_consecutive_skips: int = f(5, "non-finite updates skipped in a row before the run rolls back", ATLEAST1,
+                                   resume=True)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 300  # total optimizer steps
-    batch_size: int = 16  # global sequences per step
-    seq_len: int = 128  # tokens per sequence
-    log_every: int = 10  # steps between metric lines
-    eval_every: int = 100  # steps between validation evals; 0 = only at the end
-    eval_batches: int = 4  # batches per validation eval
-    seed: int = 0  # seeds params, data order and router jitter
-    init_from: str = ""  # checkpoint dir (a workdir or its checkpoints/ folder) to load params from
-    spike_factor: float = 0.0  # roll back when loss > factor * median of the recent window; 0 = off
-    spike_window: int = 20  # steps in the median window for spike detection
-    progress: bool = True  # show a progress bar
-    host_malloc: str = "keep"  # keep: reuse freed host memory (moe/hostmem.py; faster on CPU, RSS stays at peak)
+    steps: int = f(300, "total optimizer steps", ATLEAST1, resume=True)
+    batch_size: int = f(16, "global sequences per step", ATLEAST1, eval=True)
+    seq_len: int = f(128, "tokens per sequence", ATLEAST1, eval=True)
+    log_every: int = f(10, "steps between metric lines", ATLEAST1, resume=True)
+    eval_every: int = f(100, "steps between validation evals; 0 = only at the end", NONNEG, resume=True)
+    eval_batches: int = f(4, "batches per validation eval", ATLEAST1, resume=True)
+    seed: int = f(0, "seeds params, data order and router jitter", NONNEG)
+    init_from: str = f("", "checkpoint dir (a workdir or its checkpoints/ folder) to load params from", resume=True)
+    spike_factor: float = f(0.0, "roll back when loss > factor * median of the recent window; 0 = off",
+                            Range(1, None, lo_open=True, also=(0.0,), text="0 (off) or > 1"), resume=True)
+    spike_window: int = f(20, "steps in the median window for spike detection", Range(3), resume=True)
+    progress: bool = f(True, "show a progress bar", resume=True)
+    host_malloc: Literal["keep", "system"] = f(
+        "keep", "keep: reuse freed host memory (moe/runtime/hostmem.py; faster on CPU, RSS stays at peak) | system",
+        resume=True)
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # data-parallel axis size; -1 = all devices left over
-    fsdp: int = 1  # fully sharded data-parallel axis (weights sharded, batch split)
-    expert: int = 1  # expert-parallel axis (experts split, tokens all-to-all)
-    tensor: int = 1  # tensor-parallel axis (heads and FFN hidden split)
-    dcn_data: int = 1  # data-parallel slices over the data-centre network (multislice)
+    data: int = f(-1, "data-parallel axis size; -1 = all devices left over", AXIS)
+    fsdp: int = f(1, "fully sharded data-parallel axis (weights sharded, batch split)", AXIS)
+    expert: int = f(1, "expert-parallel axis (experts split, tokens all-to-all)", AXIS)
+    tensor: int = f(1, "tensor-parallel axis (heads and FFN hidden split)", AXIS)
+    dcn_data: int = f(1, "data-parallel slices over the data-centre network (multislice)", ATLEAST1)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 100  # steps between saves; the final step is always saved
-    keep: int = 3  # keep the last N checkpoints
-    keep_every: int = 0  # additionally keep every M-th step forever; 0 = off
-    async_save: bool = True  # write in the background while training continues
+    every: int = f(100, "steps between saves; the final step is always saved", ATLEAST1)
+    keep: int = f(3, "keep the last N checkpoints", ATLEAST1)
+    keep_every: int = f(0, "additionally keep every M-th step forever; 0 = off", NONNEG)
+    async_save: bool = f(True, "write in the background while training continues")
 
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "tiny"  # preset name; the default workdir is runs/<name>
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """The schema's defaults (fp32, the tiny model's sizes); presets are the YAML files in configs/."""
 
+    name: str = f("default", "preset name (a preset's file name); the default workdir is runs/<name>", resume=True)
+    model: ModelConfig = section(ModelConfig, "the decoder and its MoE layers")
+    data: DataConfig = section(DataConfig, "corpus, tokenizer, splits and the input pipeline", eval=True)
+    optim: OptimConfig = section(OptimConfig, "optimizer and learning-rate schedule")
+    train: TrainConfig = section(TrainConfig, "steps, batch, logging, evals, rollback policy")
+    mesh: MeshConfig = section(MeshConfig, "device mesh axis sizes", resume=True, eval=True)
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Orbax checkpoints", resume=True)
 
-CHOICES = {
-    "model.ffn_act": ("geglu", "swiglu"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "save_dots"),
-    "model.dispatch": ("capacity", "dropless"),
-    "data.source": ("builtin", "tfds", "files"),
-    "optim.name": ("adamw", "lion", "adafactor"),
-    "optim.schedule": ("cosine", "rsqrt", "wsd", "constant"),
-    "train.host_malloc": ("keep", "system"),
-}
 
 # --- loading -------------------------------------------------------------------------------------
 
@@ -171,6 +223,13 @@ def _unknown(key: str, valid: list[str]) -> ConfigError:
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Converts a YAML/CLI value to the field's type, or raises naming the key."""
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        allowed = typing.get_args(typ)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}{hint}")
+        return value
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -316,22 +375,56 @@ def replace(cfg: Config, **sections) -> Config:
 
 
 def help_text() -> str:
-    """Every key with its default and comment, read from this file's source (for --help and the README)."""
-    import inspect
-
+    """Every key with its default, help and allowed values (for --help and the README)."""
     lines = []
-    for section in ("model", "data", "optim", "train", "mesh", "checkpoint"):
-        cls = _hints(Config)[section]
-        comments = {}
-        for line in inspect.getsource(cls).splitlines():
-            s = line.strip()
-            if ":" in s and "#" in s and not s.startswith("#"):
-                comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
-        lines.append(f"{section}:")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {section}.{f.name} = {default!r}    # {comments.get(f.name, '')}")
+    for sec in dataclasses.fields(Config):
+        cls = _hints(Config)[sec.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        lines.append(f"{sec.name}:")
+        for fl in dataclasses.fields(cls):
+            rng, typ = fl.metadata.get("range"), _hints(cls)[fl.name]
+            choices = typing.get_args(typ) if typing.get_origin(typ) is Literal else ()
+            allowed = f" [{rng.describe()}]" if rng else (
+                f" [{' | '.join(choices)}]" if not all(c in fl.metadata["help"] for c in choices) else "")
+            lines.append(f"  {sec.name}.{fl.name} = {fl.default!r}    # {fl.metadata['help']}{allowed}")
     return "\n".join(lines)
+
+
+def _flagged(flag: str) -> tuple[str, ...]:
+    """Dotted keys (a whole section as 'mesh.') whose field metadata sets `flag`."""
+    out = []
+    for sec in dataclasses.fields(Config):
+        typ = _hints(Config)[sec.name]
+        if sec.metadata.get(flag):
+            out.append(sec.name + "." if dataclasses.is_dataclass(typ) else sec.name)
+        elif dataclasses.is_dataclass(typ):
+            out += [f"{sec.name}.{fl.name}" for fl in dataclasses.fields(typ) if fl.metadata.get(flag)]
+    return tuple(out)
+
+
+def _matches(key: str, keys: tuple[str, ...]) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
+
+
+def resume_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The differences between a checkpoint's config and this one outside RESUMABLE, as 'key: a -> b'."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        key = prefix + k
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += resume_diff(a, b, key + ".")
+        elif a != b and not _matches(key, RESUMABLE):
+            out.append(f"{key}: {a!r} (checkpoint) -> {b!r} (now)")
+    return out
+
+
+def check_eval_overrides(overrides: list[str]) -> None:
+    """eval.py may change only EVAL_OVERRIDABLE keys of a run's config."""
+    bad = [o for o in overrides if not _matches(o.split("=", 1)[0].strip(), EVAL_OVERRIDABLE)]
+    if bad:
+        raise ConfigError(f"eval can only override {', '.join(EVAL_OVERRIDABLE)} keys, not: {', '.join(bad)}")
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -343,70 +436,54 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Every check that needs no devices and no data. Mesh-vs-devices checks live in moe.sharding."""
-    for key, allowed in CHOICES.items():
-        sec, name = key.split(".")
-        value = getattr(getattr(cfg, sec), name)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}{hint}")
-    m, o, t, c = cfg.model, cfg.optim, cfg.train, cfg.checkpoint
-    for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
-        _check(getattr(m, key) > 0, f"model.{key} must be > 0, got {getattr(m, key)}")
-    _check(m.num_kv_heads >= 0, f"model.num_kv_heads must be >= 0, got {m.num_kv_heads}")
+    """Every check that needs no devices and no data: each field's range, then the rules across fields.
+    Checks against the processes and the mesh are `check_placement`."""
+    for sec in dataclasses.fields(Config):
+        obj = getattr(cfg, sec.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        for fl in dataclasses.fields(obj):
+            rng, v = fl.metadata.get("range"), getattr(obj, fl.name)
+            if rng is not None and not rng.ok(v):
+                bound = f" (at most {INT_MAX}: int32)" if rng.hi == INT_MAX and abs(v) > INT_MAX else ""
+                raise ConfigError(f"{sec.name}.{fl.name} must be {rng.describe()}{bound}, got {v!r}")
+    m, o, t = cfg.model, cfg.optim, cfg.train
     _check(m.head_dim > 0 or m.d_model % m.num_heads == 0,
            f"model.num_heads ({m.num_heads}) must divide model.d_model ({m.d_model}), or set model.head_dim")
     kv = m.num_kv_heads or m.num_heads
     _check(m.num_heads % kv == 0, f"model.num_kv_heads ({kv}) must divide model.num_heads ({m.num_heads})")
     hd = m.head_dim or m.d_model // m.num_heads
     _check(hd % 2 == 0, f"model.head_dim must be even for RoPE, got {hd}")
-    _check(m.moe_every >= 0, f"model.moe_every must be >= 0, got {m.moe_every}")
-    _check(m.num_experts >= 0, f"model.num_experts must be >= 0, got {m.num_experts}")
     if is_moe(m):
         _check(m.num_layers % m.moe_every == 0,
                f"model.moe_every ({m.moe_every}) must divide model.num_layers ({m.num_layers})")
-        _check(m.top_k >= 1, f"model.top_k must be >= 1, got {m.top_k}")
         _check(m.top_k <= m.num_experts,
                f"model.top_k ({m.top_k}) must be <= model.num_experts ({m.num_experts})")
-        _check(m.capacity_factor > 0, f"model.capacity_factor must be > 0, got {m.capacity_factor}")
-        _check(m.eval_capacity_factor > 0, f"model.eval_capacity_factor must be > 0, got {m.eval_capacity_factor}")
-        _check(m.min_capacity >= 1, f"model.min_capacity must be >= 1, got {m.min_capacity}")
-        _check(0 <= m.router_jitter < 1, f"model.router_jitter must be in [0, 1), got {m.router_jitter}")
-    for key in ("aux_loss_weight", "router_z_loss_weight", "logit_z_loss", "norm_eps", "init_std"):
-        _check(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
-    _check(m.num_shared_experts >= 0, f"model.num_shared_experts must be >= 0, got {m.num_shared_experts}")
-    _check(o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be a positive number, got {o.lr}")
-    for key in ("b1", "b2"):
-        _check(0 <= getattr(o, key) < 1, f"optim.{key} must be in [0, 1), got {getattr(o, key)}")
-    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    _check(0 < o.decay_fraction <= 1, f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
-    _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    _check(o.clip_norm >= 0, f"optim.clip_norm must be >= 0, got {o.clip_norm}")
-    _check(o.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {o.grad_accum}")
-    _check(o.max_consecutive_skips >= 1, f"optim.max_consecutive_skips must be >= 1, got {o.max_consecutive_skips}")
-    for key in ("steps", "batch_size", "seq_len", "log_every", "eval_batches"):
-        _check(getattr(t, key) > 0, f"train.{key} must be > 0, got {getattr(t, key)}")
-    _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
     _check(t.batch_size % o.grad_accum == 0,
            f"optim.grad_accum ({o.grad_accum}) must divide train.batch_size ({t.batch_size})")
-    _check(t.spike_factor == 0 or t.spike_factor > 1, f"train.spike_factor must be 0 (off) or > 1, got {t.spike_factor}")
-    _check(t.spike_window >= 3, f"train.spike_window must be >= 3, got {t.spike_window}")
-    _check(c.every > 0, f"checkpoint.every must be > 0, got {c.every}")
-    _check(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
-    _check(c.keep_every >= 0, f"checkpoint.keep_every must be >= 0, got {c.keep_every}")
-    for key in ("data", "fsdp", "expert", "tensor", "dcn_data"):
-        v = getattr(cfg.mesh, key)
-        _check(v == -1 or v >= 1, f"mesh.{key} must be >= 1 or -1 (fill), got {v}")
     _check([getattr(cfg.mesh, k) for k in ("data", "fsdp", "expert", "tensor")].count(-1) <= 1,
            "mesh: at most one of data/fsdp/expert/tensor may be -1 (fill)")
     d = cfg.data
     _check(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name is required with data.source=tfds (e.g. c4/en:3.1.0)")
     _check(d.source != "files" or bool(d.files), "data.files is required with data.source=files (paths or globs)")
-    _check(0 < d.validation_fraction < 1, f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
-    _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
-    _check(d.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {d.shuffle_buffer}")
+
+
+def check_placement(cfg: Config, *, processes: int = 1, mesh_shape: dict[str, int] | None = None,
+                    batch_axes: tuple[str, ...] = ("data", "fsdp", "expert")) -> None:
+    """The divisibility rules that need the run's processes or mesh, all here: the global batch splits evenly
+    over the processes, each micro-batch over the mesh's batch axes, and the experts over `expert`."""
+    t = cfg.train
+    _check(t.batch_size % processes == 0,
+           f"train.batch_size ({t.batch_size}) must be divisible by the {processes} processes")
+    if mesh_shape is None:
+        return
+    ways = math.prod(mesh_shape[a] for a in batch_axes)
+    micro = t.batch_size // cfg.optim.grad_accum
+    _check(micro % ways == 0, f"train.batch_size ({t.batch_size}) / optim.grad_accum ({cfg.optim.grad_accum}) = "
+           f"{micro} rows must be divisible by {'*'.join(batch_axes)} = {ways} (mesh {mesh_shape})")
+    if is_moe(cfg.model):
+        _check(cfg.model.num_experts % mesh_shape["expert"] == 0,
+               f"model.num_experts ({cfg.model.num_experts}) must be divisible by mesh.expert ({mesh_shape['expert']})")
 
 
 def is_moe(m: ModelConfig) -> bool:
@@ -429,3 +506,7 @@ def layer_is_moe(m: ModelConfig, layer: int) -> bool:
 def block_size(m: ModelConfig) -> int:
     """Layers per scanned block: one MoE layer plus its dense followers (1 for dense models)."""
     return m.moe_every if is_moe(m) else 1
+
+
+RESUMABLE = _flagged("resume")  # keys that may differ from the checkpoint's config when a run resumes
+EVAL_OVERRIDABLE = _flagged("eval")  # keys eval.py's `key=value` may change

@@ -3,9 +3,9 @@
     import moe.lm_eval_adapter  # registers the model
     lm_eval.simple_evaluate(model="moe", model_args="workdir=runs/tiny,step=300,batch_size=8", tasks=[...])
 
-Owns: the translation between lm-eval's requests and moe/eval_lib.py (scoring) and moe/generate.py
+Owns: the translation between lm-eval's requests and moe/eval/lm.py (scoring) and moe/model/generate.py
 (decoding). Every number comes from those modules, so the adapter, eval.py and a direct forward pass agree
-(tested). Requests are batched and right-padded by `eval_lib.score`; BOS starts every context, as it starts
+(tested). Requests are batched and right-padded by `moe.eval.lm.score`; BOS starts every context, as it starts
 every training document.
 """
 
@@ -17,7 +17,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from moe import eval_lib as E
+from moe.eval import lm as eval_lm
 
 
 @register_model("moe")
@@ -25,13 +25,13 @@ class MoeLM(TemplateLM):
     """model_args: workdir=DIR[,step=N][,batch_size=B][,max_length=T]; or pass a restored `run=` (eval.py)."""
 
     def __init__(self, workdir: str | None = None, step: int | str | None = None, batch_size: int | str = 8,
-                 max_length: int | str | None = None, run: E.Run | None = None, **_lm_eval_extras: Any):
+                 max_length: int | str | None = None, run: eval_lm.Run | None = None, **_lm_eval_extras: Any):
         super().__init__()
         # lm-eval also passes device / max_batch_size: meaningless here (jax places the work), ignored.
         if run is None:
             if not workdir:
-                raise E.EvalError("model_args needs workdir=DIR (a training run's workdir)")
-            run = E.load_run(str(workdir), None if step in (None, "") else int(step))
+                raise eval_lm.EvalError("model_args needs workdir=DIR (a training run's workdir)")
+            run = eval_lm.load_run(str(workdir), None if step in (None, "") else int(step))
         self.run = run
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length) if max_length else run.cfg.train.seq_len
@@ -61,16 +61,16 @@ class MoeLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         bos = self.prefix_token_id
         pairs = [(ctx if ctx[:1] == [bos] else [bos, *ctx], cont) for _, ctx, cont in requests]
-        out = E.score(self.run, pairs, self.batch_size, self.max_length)
+        out = eval_lm.score(self.run, pairs, self.batch_size, self.max_length)
         for (key, _, _), res in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", key, res)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Total log-likelihood of each document over disjoint windows (see eval_lib.rolling_windows)."""
+        """Total log-likelihood of each document over disjoint windows (see moe.eval.lm.rolling_windows)."""
         texts = [req.args[0] for req in requests]
         docs = [self.tok_encode(t) for t in tqdm(texts, desc="tokenizing", disable=disable_tqdm)]
-        out = E.loglikelihood_rolling(self.run, docs, self.batch_size)
+        out = eval_lm.loglikelihood_rolling(self.run, docs, self.batch_size)
         for text, res in zip(texts, out):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), res)
         return out

@@ -13,7 +13,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from moe.hostmem import set_host_malloc  # noqa: E402
+from moe.runtime.hostmem import set_host_malloc  # noqa: E402
 
 # the default train.host_malloc policy, before JAX starts its threads (in-process train/eval mains then no-op)
 set_host_malloc("keep")
@@ -37,10 +37,10 @@ EVAL_RUN_OVERRIDES = [  # a 2-layer MoE (4 experts) that learns Python keyword s
 @pytest.fixture(scope="session")
 def eval_workdir(tmp_path_factory) -> str:
     """A trained tiny run (checkpoints at steps 30 and 60), trained once per session in-process."""
-    import train
+    from moe.train import loop
     from moe.config import load_config
 
     workdir = str(tmp_path_factory.mktemp("eval_run").resolve())
     root = os.path.join(os.path.dirname(__file__), "..")
-    train.train(load_config(os.path.join(root, "configs", "tiny.yaml"), EVAL_RUN_OVERRIDES), workdir)
+    loop.train(load_config(os.path.join(root, "configs", "tiny.yaml"), EVAL_RUN_OVERRIDES), workdir)
     return workdir

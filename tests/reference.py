@@ -1,6 +1,6 @@
 """A plain per-token reference MoE FFN, written for clarity, not speed (the MaxText `MoeLoopBlock` idea).
 
-Owns: nothing the model imports. Tests pin the fast dispatch paths of moe/moe_layer.py against it.
+Owns: nothing the model imports. Tests pin the fast dispatch paths of moe/model/experts/layer.py against it.
 
 Two steps, so that gradients can be taken through the second:
   1. `reference_routing` decides, in numpy on concrete values, which experts each token chose and which of
@@ -68,7 +68,7 @@ def reference_moe(x_BTD, params: dict, choices_BTK: np.ndarray, kept_BTK: np.nda
                   act: str = "geglu"):
     """y[b, t] = sum over kept choices j of gate[b, t, j] * expert_{choice}(x[b, t]).
 
-    params: w_router_DE, w_gate_EDF, w_up_EDF, w_down_EFD (the names of moe.moe_layer.MoEFFN).
+    params: w_router_DE, w_gate_EDF, w_up_EDF, w_down_EFD (the names of moe.model.experts.layer.MoEFFN).
     Gates are the softmax probabilities of the chosen experts, divided by their sum over the K choices when
     `renormalize` (GShard/GLaM); dropped choices keep their place in that sum (a drop does not re-weight).
 

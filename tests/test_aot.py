@@ -1,4 +1,4 @@
-"""AOT compile for Cloud TPU topologies from this CPU host (moe/aot.py): a small MoE compiles for v5e:2x2
+"""AOT compile for Cloud TPU topologies from this CPU host (moe/launch/aot.py): a small MoE compiles for v5e:2x2
 with expert parallelism and fits; a bad topology is a clear error; an absurd model is `fits: no`. Also the
 memory lever the GLaM presets' fits rely on: the sequence-chunked cross-entropy equals the one-shot one.
 
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from moe import aot  # sets the libtpu environment before libtpu loads
-from moe import model as M
+from moe.launch import aot  # sets the libtpu environment before libtpu loads
+from moe.model import decoder
 from moe.config import load_config
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (jax[tpu])")
@@ -83,10 +83,10 @@ def test_absurd_model_does_not_fit(capsys, tmp_path):
 
 
 def test_loss_chunk_rule():
-    assert M.loss_chunk_len(1024, 256_000) == 64  # GLaM: 16 chunks of 64 tokens x 256k logits
-    assert M.loss_chunk_len(128, 8192) == 128  # small models: one shot
-    assert M.loss_chunk_len(1000, 2**20) == 10  # largest divisor of T with chunk * V <= 2^24
-    assert M.loss_chunk_len(7, 2**25) == 1
+    assert decoder.loss_chunk_len(1024, 256_000) == 64  # GLaM: 16 chunks of 64 tokens x 256k logits
+    assert decoder.loss_chunk_len(128, 8192) == 128  # small models: one shot
+    assert decoder.loss_chunk_len(1000, 2**20) == 10  # largest divisor of T with chunk * V <= 2^24
+    assert decoder.loss_chunk_len(7, 2**25) == 1
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -94,15 +94,15 @@ def test_chunked_cross_entropy_equals_one_shot(monkeypatch, tied):
     cfg = load_config("configs/tiny.yaml", ["model.dtype=float32", "model.vocab_size=512", "model.num_layers=2",
                                             "model.logit_z_loss=1e-3",
                                             f"model.tie_embeddings={str(tied).lower()}"]).model
-    model = M.Decoder(cfg, nnx.Rngs(0))
+    model = decoder.Decoder(cfg, nnx.Rngs(0))
     k1, k2 = jax.random.split(jax.random.key(1))
     batch = {"inputs": jax.random.randint(k1, (2, 64), 0, 512), "targets": jax.random.randint(k2, (2, 64), 0, 512),
              "weights": (jnp.arange(64) % 5 != 0).astype(jnp.float32)[None].repeat(2, 0)}
-    grad = nnx.jit(nnx.value_and_grad(lambda m: M.loss_fn(m, batch, train=True), has_aux=True))
+    grad = nnx.jit(nnx.value_and_grad(lambda m: decoder.loss_fn(m, batch, train=True), has_aux=True))
     (l_one, m_one), g_one = grad(model)
-    monkeypatch.setattr(M, "LOSS_CHUNK_LOGITS", 16 * 512)  # 4 chunks of 16 tokens
-    assert M.loss_chunk_len(64, 512) == 16
-    (l_chunk, m_chunk), g_chunk = nnx.jit(nnx.value_and_grad(lambda m: M.loss_fn(m, batch, train=True),
+    monkeypatch.setattr(decoder, "LOSS_CHUNK_LOGITS", 16 * 512)  # 4 chunks of 16 tokens
+    assert decoder.loss_chunk_len(64, 512) == 16
+    (l_chunk, m_chunk), g_chunk = nnx.jit(nnx.value_and_grad(lambda m: decoder.loss_fn(m, batch, train=True),
                                                              has_aux=True))(model)
     assert float(l_chunk) == pytest.approx(float(l_one), rel=1e-5)
     assert float(m_chunk["logit_z_loss"]) == pytest.approx(float(m_one["logit_z_loss"]), rel=1e-5)

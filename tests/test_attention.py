@@ -1,4 +1,4 @@
-"""The CPU attention kernel (moe/attention.py) against a plain per-query loop and against autodiff of
+"""The CPU attention kernel (moe/model/attention.py) against a plain per-query loop and against autodiff of
 `jax.nn.dot_product_attention`: causal and same-segment masking, grouped-query heads, query blocks that do
 not divide the length, and the general-mask path the KV-cached decode uses. fp32 comparisons use 1e-5."""
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe.attention import _blocks, blockwise_attention, masked_attention
+from moe.model.attention import _blocks, blockwise_attention, masked_attention
 
 TOL = 1e-5
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe.checkpoint import Checkpointer, restore_params
+from moe.train.checkpoint import Checkpointer, restore_params
 from moe.config import CheckpointConfig
 
 
@@ -13,7 +13,7 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.int32(7)}
     ck = Checkpointer("runs/rel", CheckpointConfig(async_save=True), with_data=False)
-    ck.save(7, state, {"note": "x"}, force=True)
+    ck.save(7, state, {"note": "x"})
     ck.close()
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     step, restored, meta = Checkpointer("runs/rel", CheckpointConfig(), with_data=False).restore_latest(abstract)

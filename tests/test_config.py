@@ -1,7 +1,7 @@
 """Config: presets load, nested overrides, --help lists every key, and the bad-config catalogue.
 
 Every bad configuration must fail in `load_config` (before jax is touched) with a one-line `ConfigError`
-that names the offending key; mesh-vs-devices checks run in `moe.sharding.make_mesh`, also before compiling.
+that names the offending key; mesh-vs-devices checks run in `moe.runtime.sharding.make_mesh`, also before compiling.
 """
 
 import glob
@@ -10,7 +10,7 @@ import re
 import pytest
 
 import train
-from moe import config as C
+from moe import config
 from moe.config import ConfigError, load_config
 
 TINY = "configs/tiny.yaml"
@@ -20,7 +20,7 @@ TINY = "configs/tiny.yaml"
 def test_every_preset_loads(path):
     cfg = load_config(path)
     assert cfg.name == path.split("/")[-1][:-5] or cfg.name  # a preset may set its own name
-    assert C.from_dict(C.to_dict(cfg)) == cfg  # the resolved config round-trips (what WORKDIR/config.yaml holds)
+    assert config.from_dict(config.to_dict(cfg)) == cfg  # the resolved config round-trips (what WORKDIR/config.yaml holds)
 
 
 def test_nested_overrides_and_types():
@@ -45,14 +45,14 @@ def test_help_lists_every_key_with_its_comment(capsys):
         train.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for key in C.all_keys():
+    for key in config.all_keys():
         if key != "name":
             assert re.search(rf"^\s+{re.escape(key)} = .*# \S", out, re.M), key
-    # the key names scripts and sweeps rely on (issue #3)
+    # the key names scripts and sweeps rely on
     for key in ("train.steps", "train.batch_size", "train.seq_len", "train.log_every", "train.eval_every",
                 "train.seed", "checkpoint.every", "checkpoint.keep", "optim.name", "optim.lr", "model.num_experts",
                 "model.top_k", "model.moe_every", "model.num_layers", "model.d_model"):
-        assert key in C.all_keys()
+        assert key in config.all_keys()
 
 
 # (overrides, the key the message must name, a fragment of the message). 24 distinct invalid configurations:
@@ -113,7 +113,7 @@ def test_bad_preset_files(tmp_path):
 def test_mesh_that_does_not_match_the_devices():
     import jax
 
-    from moe.sharding import make_mesh
+    from moe.runtime.sharding import make_mesh
 
     cfg = load_config(TINY, ["mesh.data=3"])  # 8 fake devices: 3 does not divide them
     with pytest.raises(ConfigError, match="mesh") as e:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from moe.config import load_config
-from moe.corpus import DataError, open_corpus
-from moe.data import check_data, eval_batches, train_iterator
-from moe.tokenizer import load_tokenizer
+from moe.data.corpus import DataError, open_corpus
+from moe.data.pipeline import check_data, eval_batches, train_iterator
+from moe.data.tokenizer import load_tokenizer
 from tests.helpers.orbax_iter import orbax_roundtrip
 
 BASE = ["model.vocab_size=1024", "train.seq_len=64", "train.batch_size=8"]

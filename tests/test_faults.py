@@ -1,4 +1,4 @@
-"""Fault injection (issue #8): kill -9 and SIGTERM with restarts, damaged checkpoints, a full disk during a
+"""Fault injection: kill -9 and SIGTERM with restarts, damaged checkpoints, a full disk during a
 save, NaN batches, loss spikes, and the bad-config / bad-data catalogues at the `train.py` level.
 
 Real process deaths (kill -9, SIGTERM, exit codes) run `train.py` as a subprocess; the rest runs in-process
@@ -26,9 +26,10 @@ import jax
 import pytest
 
 import train
+from moe.train import loop
 from moe.config import load_config
-from moe.metrics import read_metrics
-from moe.tokenizer import load_tokenizer
+from moe.train.metrics import read_metrics
+from moe.data.tokenizer import load_tokenizer
 
 CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # set by conftest.py
 
@@ -50,8 +51,8 @@ def run(workdir, *extra, env=None):
         for k, v in (env or {}).items():
             mp.setenv(k, v)
         try:
-            return train.train(tiny(*extra), str(workdir))
-        except train.Preempted as e:
+            return loop.train(tiny(*extra), str(workdir))
+        except loop.Preempted as e:
             return e
 
 
@@ -239,7 +240,7 @@ def test_nan_batches_are_skipped_and_counted(reference, tmp_path, caplog):
     _, _, ref_losses = reference
     with caplog.at_level(logging.WARNING):
         out = run(tmp_path, env={"MOE_FAULT_NAN_STEPS": "3,6,7,8,9,10", "MOE_FAULT_SIGTERM_STEP": "11"})
-    assert isinstance(out, train.Preempted)
+    assert isinstance(out, loop.Preempted)
     recs = {r["step"]: r for r in read_metrics(tmp_path)}
     assert recs[3]["loss"] != recs[3]["loss"] and recs[3]["skipped_total"] == 1  # NaN logged, update skipped
     assert recs[4]["skipped_total"] == 1 and recs[4]["rollbacks"] == 0
@@ -255,7 +256,7 @@ def test_loss_spike_rolls_back_and_training_recovers(tmp_path, caplog):
         # this early the model is near uniform, so shifted targets raise the loss by ~3-4 %: hence 1.02
         out = run(tmp_path, "train.spike_factor=1.02", "train.spike_window=3",
                   env={"MOE_FAULT_SPIKE_STEPS": "10", "MOE_FAULT_SIGTERM_STEP": "11"})
-    assert isinstance(out, train.Preempted)
+    assert isinstance(out, loop.Preempted)
     assert "step 10: loss spike" in caplog.text and "rolled back to step 8 and skipped 2 batches" in caplog.text
     recs = {r["step"]: r for r in read_metrics(tmp_path)}
     assert sorted(recs) == list(range(1, 12)) and recs[11]["rollbacks"] == 1 and recs[11]["skipped_batches"] == 2
@@ -312,7 +313,7 @@ def test_short_documents_and_non_utf8_are_counted_skips_and_seq_len_exceeds_ever
              f"data.data_dir={tmp_path / 'tfds'}", "data.validation_fraction=0.2"]
     with caplog.at_level(logging.WARNING):
         out = run(tmp_path / "w", *extra, env={"MOE_FAULT_SIGTERM_STEP": "2"})
-    assert isinstance(out, train.Preempted)  # it trained: every document is shorter than a row and gets packed
+    assert isinstance(out, loop.Preempted)  # it trained: every document is shorter than a row and gets packed
     assert "not_utf8" in caplog.text and "shorter than 2 tokens" in caplog.text
     assert [r["step"] for r in read_metrics(tmp_path / "w")] == [1, 2]
 
@@ -325,7 +326,7 @@ def test_all_documents_too_short_is_an_error(tmp_path):
     for i in range(40):
         (docs / f"s{i}.txt").write_text("x")
     tok = load_tokenizer(tiny()).path
-    code = ("import sys\nfrom moe.config import load_config\nfrom moe import data, tokenizer\n"
+    code = ("import sys\nfrom moe.config import load_config\nfrom moe.data import pipeline as data, tokenizer\n"
             f"cfg = load_config('configs/tiny.yaml', {OVERRIDES + ['data.source=files', f'data.files=[{docs}]', f'data.tokenizer={tok}', f'data.data_dir={tmp_path / 'tfds'}', 'data.validation_fraction=0.3']!r})\n"
             "try:\n    data.check_data(cfg)\n    next(data.train_iterator(cfg, tokenizer.load_tokenizer(cfg)))\n"
             "except data.DataError as e:\n    sys.exit(f'error: {e}')\n")

@@ -1,4 +1,4 @@
-"""moe.generate: KV-cache decoding equals argmax decoding without a cache; sampling rule; stop strings."""
+"""moe.model.generate: KV-cache decoding equals argmax decoding without a cache; sampling rule; stop strings."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe import eval_lib as E
-from moe import generate as G
+from moe.eval import lm as eval_lm
+from moe.model import generate
 
 
 @pytest.fixture(scope="module")
 def run(eval_workdir):
-    return E.load_run(eval_workdir, batch_size=8)
+    return eval_lm.load_run(eval_workdir, batch_size=8)
 
 
 def argmax_no_cache(run, prompt: list[int], n: int) -> list[int]:
@@ -49,12 +49,12 @@ def test_cached_logits_equal_full_forward(run):
     tok = run.tok
     ids = [tok.bos_id] + tok.encode("for i in range(10):\n    print(i)\n")
     full, _ = run.model(jnp.asarray([ids]), train=False)
-    cache = G.init_cache(run.cfg.model, 1, 32)
+    cache = generate.init_cache(run.cfg.model, 1, 32)
     valid = jnp.ones((1, 32), bool)
     pos = jnp.arange(len(ids))[None]
     half = len(ids) // 2
-    a, cache = G.decode_step(run.model, jnp.asarray([ids[:half]]), pos[:, :half], cache, 0, valid)
-    b, cache = G.decode_step(run.model, jnp.asarray([ids[half:]]), pos[:, half:], cache, half, valid)
+    a, cache = generate.decode_step(run.model, jnp.asarray([ids[:half]]), pos[:, :half], cache, 0, valid)
+    b, cache = generate.decode_step(run.model, jnp.asarray([ids[half:]]), pos[:, half:], cache, half, valid)
     np.testing.assert_allclose(np.concatenate([a, b], axis=1), full, rtol=1e-4, atol=1e-4)
 
 
@@ -70,8 +70,8 @@ def test_stop_strings_and_max_tokens(run):
 def test_sampling_rule():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 400)
-    draw = lambda t, p: np.asarray([int(G.sample(logits, k, t, p)[0]) for k in keys[:200]])  # noqa: E731
-    assert int(G.sample(logits, keys[0], 0.0, 1.0)[0]) == 0
+    draw = lambda t, p: np.asarray([int(generate.sample(logits, k, t, p)[0]) for k in keys[:200]])  # noqa: E731
+    assert int(generate.sample(logits, keys[0], 0.0, 1.0)[0]) == 0
     assert set(draw(1.0, 0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8: the nucleus is the top two tokens
     assert set(draw(1.0, 0.5)) == {0}
     assert set(draw(1.0, 1.0)) >= {0, 1, 2}

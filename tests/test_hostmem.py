@@ -1,17 +1,17 @@
-"""train.host_malloc (moe/hostmem.py): with "keep" a freed large buffer is reused without page faults."""
+"""train.host_malloc (moe/runtime/hostmem.py): with "keep" a freed large buffer is reused without page faults."""
 import platform
 import subprocess
 import sys
 
 import pytest
 
-from moe import hostmem
+from moe.runtime import hostmem
 
 # Writes a 256 MB malloc'd buffer (over glibc's 32 MiB mmap threshold; as XLA:CPU allocates, no numpy, which
 # madvises huge pages itself), frees it, writes a second one; prints the minor page faults of the second.
 PROBE = """
 import ctypes, ctypes.util, resource, sys
-from moe.hostmem import set_host_malloc
+from moe.runtime.hostmem import set_host_malloc
 print(set_host_malloc(sys.argv[1]))
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p

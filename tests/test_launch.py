@@ -1,4 +1,4 @@
-"""moe.launch: the exact gcloud / sbatch text, input validation, and `--run` through an injected runner.
+"""moe.launch.jobs: the exact gcloud / sbatch text, input validation, and `--run` through an injected runner.
 
 Nothing here touches the network or runs gcloud: `--run` is exercised with a fake runner that records argvs.
 """
@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from moe import launch
-from moe.launch import LaunchError, make_job, parse_tpu_type, sbatch_script, tpu_followups, tpu_steps
+from moe.launch import jobs as launch
+from moe.launch.jobs import LaunchError, make_job, parse_tpu_type, sbatch_script, tpu_followups, tpu_steps
 
 TRAIN = ["--config", "configs/glam_1.7b_64e.yaml"]
 
@@ -30,7 +30,7 @@ def test_single_slice_v5p_spot_dry_run(capsys):
     cmds = _commands(capsys.readouterr().out)
     assert cmds[0] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "glam", "--accelerator-type=v5p-128",
                        "--version=v2-alpha-tpuv5", "--spot", "--zone=us-east5-a"]
-    assert cmds[1] == ["git", "-C", str(launch.Path(launch.__file__).resolve().parents[1]), "archive",
+    assert cmds[1] == ["git", "-C", str(launch.Path(launch.__file__).resolve().parents[2]), "archive",
                        "--format=tar.gz", "--prefix=moe/", "-o", "/tmp/moe-glam.tar.gz", "HEAD"]
     assert cmds[2] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "/tmp/moe-glam.tar.gz", "glam:moe-src.tar.gz",
                        "--zone=us-east5-a", "--worker=all"]
@@ -150,7 +150,7 @@ def test_run_executes_steps_in_order(capsys):
     calls = []
     rc = launch.main(_tpu_argv("--run"), runner=calls.append)
     assert rc == 0
-    job = make_job("r", "us-east5-a", "v5p-8", TRAIN, src=str(launch.Path(launch.__file__).resolve().parents[1]))
+    job = make_job("r", "us-east5-a", "v5p-8", TRAIN, src=str(launch.Path(launch.__file__).resolve().parents[2]))
     assert calls == [s.argv for s in tpu_steps(job)]  # create, pack, copy, install, start: nothing else
     assert not any("delete" in c for c in calls)
     out = capsys.readouterr().out
@@ -210,7 +210,7 @@ def test_gpu_bad_input(kwargs, message):
 
 
 def test_shipped_sbatch_example_is_generator_output():
-    shipped = launch.Path(launch.__file__).resolve().parents[1] / "scripts" / "slurm_train.sbatch"
+    shipped = launch.Path(launch.__file__).resolve().parents[2] / "scripts" / "slurm_train.sbatch"
     assert shipped.read_text() == sbatch_script(2, 8, ["--config", "configs/glam_1.7b_64e.yaml"]), (
         "regenerate: python -m moe.launch gpu --nodes 2 --gpus-per-node 8 -- "
         "--config configs/glam_1.7b_64e.yaml > scripts/slurm_train.sbatch")

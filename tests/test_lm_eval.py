@@ -1,4 +1,4 @@
-"""moe.lm_eval_adapter: the `moe` model in lm-evaluation-harness agrees with eval_lib and a direct forward
+"""moe.lm_eval_adapter: the `moe` model in lm-evaluation-harness agrees with moe.eval.lm and a direct forward
 pass, and custom tasks from local YAML + JSONL run end to end through simple_evaluate (offline)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from lm_eval.api.instance import Instance
 
-from moe import eval_lib as E
-from moe import tasks as T
+from moe.eval import lm as eval_lm
+from moe.eval import tasks
 from moe.lm_eval_adapter import MoeLM
 from test_eval import STRINGS, direct_loglik
 
@@ -36,20 +36,20 @@ def test_loglikelihood_matches_eval_lib_and_forward(lm):
     out = lm.loglikelihood(requests("loglikelihood", STRINGS))
     lm1 = MoeLM(run=lm.run, batch_size=1)
     out1 = lm1.loglikelihood(requests("loglikelihood", STRINGS))
-    ours = E.score(lm.run, [T.encode_pair(lm.run.tok, c, k) for c, k in STRINGS])
+    ours = eval_lm.score(lm.run, [tasks.encode_pair(lm.run.tok, c, k) for c, k in STRINGS])
     for (c, k), (ll, g), (ll1, g1), (ll_e, g_e) in zip(STRINGS, out, out1, ours):
-        ctx, cont = T.encode_pair(lm.run.tok, c, k)
+        ctx, cont = tasks.encode_pair(lm.run.tok, c, k)
         ref = direct_loglik(lm.run, ctx, cont)
         np.testing.assert_allclose([ll, ll1, ll_e], ref, rtol=1e-4, atol=1e-4)
         assert g == g1 == g_e
 
 
 def test_loglikelihood_rolling_matches_windows(lm):
-    text = open(os.path.join(ROOT, "moe", "generate.py")).read()[:700]
+    text = open(os.path.join(ROOT, "moe", "model", "generate.py")).read()[:700]
     (total,) = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
     ids = lm.run.tok.encode(text)
     assert len(ids) > lm.run.cfg.train.seq_len  # several windows
-    windows = E.rolling_windows(ids, lm.run.tok.bos_id, lm.run.cfg.train.seq_len)
+    windows = eval_lm.rolling_windows(ids, lm.run.tok.bos_id, lm.run.cfg.train.seq_len)
     assert [t for _, cont in windows for t in cont] == ids  # every token predicted exactly once
     ref = sum(direct_loglik(lm.run, ctx, cont) for ctx, cont in windows)
     np.testing.assert_allclose(total, ref, rtol=1e-5)
@@ -71,11 +71,11 @@ def test_simple_evaluate_custom_tasks(lm, monkeypatch):
     tm = TaskManager(include_path=os.path.join(ROOT, "tests", "data", "lm_eval_tasks"))
     res = lm_eval.simple_evaluate(model=lm, tasks=["moe_python_keywords", "moe_python_completion"], task_manager=tm)
     acc = res["results"]["moe_python_keywords"]["acc,none"]
-    mc = T.run_task(lm.run, T.load_task(os.path.join(ROOT, "tests", "data", "tasks", "python_keywords.jsonl")))
+    mc = tasks.run_task(lm.run, tasks.load_task(os.path.join(ROOT, "tests", "data", "tasks", "python_keywords.jsonl")))
     assert acc == pytest.approx(mc["accuracy"])  # same prompts and choices as our own task runner
     assert 0.0 <= res["results"]["moe_python_completion"]["exact_match,none"] <= 1.0
 
 
 def test_bad_model_args():
-    with pytest.raises(E.EvalError, match="workdir"):
+    with pytest.raises(eval_lm.EvalError, match="workdir"):
         MoeLM()

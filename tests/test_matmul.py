@@ -1,4 +1,4 @@
-"""Matmuls (moe/matmul.py): `mm`'s mixed-precision backward, and `einsum_rowmajor`, which must equal
+"""Matmuls (moe/model/matmul.py): `mm`'s mixed-precision backward, and `einsum_rowmajor`, which must equal
 `jnp.einsum` for every operand arrangement while giving XLA:CPU only dots its bf16 kernel takes."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe.matmul import einsum_rowmajor, mm
+from moe.model.matmul import einsum_rowmajor, mm
 
 SPECS = [  # (spec, lhs shape, rhs shape): weight gradients, input gradients, attention, output transposes
     ("EGCD,EGCF->EDF", (3, 2, 5, 8), (3, 2, 5, 6)),

@@ -1,4 +1,4 @@
-"""moe.metrics: JSONL records and TensorBoard scalars, a truncated last line, truncate_after on resume."""
+"""moe.train.metrics: JSONL records and TensorBoard scalars, a truncated last line, truncate_after on resume."""
 
 import json
 import struct
@@ -6,7 +6,7 @@ import struct
 import jax.numpy as jnp
 import numpy as np
 
-from moe.metrics import MetricsWriter, read_metrics
+from moe.train.metrics import MetricsWriter, read_metrics
 
 
 def _tb_events(tb_dir) -> list:

@@ -1,4 +1,4 @@
-"""The whole decoder (moe/model.py): causality, document masking, scan == unrolled, remat, bf16, param counts,
+"""The whole decoder (moe/model/decoder.py): causality, document masking, scan == unrolled, remat, bf16, param counts,
 config errors before any model is built, and a short copy-task training run with both dispatch paths.
 
 fp32 whole-model comparisons use 1e-4. Models are tiny (D=32, 2 layers) so the file runs in seconds.
@@ -17,9 +17,9 @@ import optax
 import pytest
 from flax import nnx
 
-from moe import config as C
+from moe import config
 from moe.config import ConfigError, ModelConfig, load_config
-from moe.model import Decoder, loss_fn, param_counts
+from moe.model.decoder import Decoder, loss_fn, param_counts
 
 TOL = 1e-4
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_param_counts_match_real_params(kw):
     real = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     total, active = param_counts(cfg)
     assert total == real
-    n_moe = sum(C.layer_is_moe(cfg, i) for i in range(cfg.num_layers))
+    n_moe = sum(config.layer_is_moe(cfg, i) for i in range(cfg.num_layers))
     unused_experts = n_moe * (cfg.num_experts - cfg.top_k) * 3 * cfg.d_model * cfg.d_ff if n_moe else 0
     assert active == total - unused_experts
 

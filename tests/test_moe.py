@@ -1,4 +1,4 @@
-"""The MoE FFN (moe/moe_layer.py, moe/router.py, moe/dispatch.py) against the per-token loop reference of
+"""The MoE FFN (moe/model/experts/layer.py, moe/model/experts/router.py, moe/model/experts/dispatch.py) against the per-token loop reference of
 tests/reference.py and against hand-computed numbers. fp32, tolerance 1e-5 throughout.
 
 Covered: capacity path (no drops) == reference == dropless path, forward and gradients w.r.t. x and every
@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe import dispatch as D
-from moe import router as R
+from moe.model.experts import dispatch as dispatch_fns
+from moe.model.experts import router
 from moe.config import ModelConfig
-from moe.layers import FFN
-from moe.model import Layer
-from moe.moe_layer import MoEFFN
+from moe.model.layers import FFN
+from moe.model.decoder import Layer
+from moe.model.experts.layer import MoEFFN
 from tests.reference import expert_ffn, reference_moe, reference_routing
 
 TOL = 1e-5
@@ -83,7 +83,7 @@ def inputs(seed: int = 1, shape=(B, T, DM)):
 def test_capacity_nodrop_dropless_and_reference_agree_forward_and_grads(renormalize):
     # capacity_factor 2 with E=4, K=2: C = ceil(2 * 2 * 16 / 4) = 16 = T, so nothing can drop.
     cap_cfg = moe_cfg(dispatch="capacity", capacity_factor=2.0, renormalize_gates=renormalize)
-    assert D.capacity(T, E, K, 2.0, 1) == T
+    assert dispatch_fns.capacity(T, E, K, 2.0, 1) == T
     layer_cap = make_layer(cap_cfg)
     layer_dl = make_layer(dataclasses.replace(cap_cfg, dispatch="dropless"))
     params = weights_of(layer_cap)
@@ -122,7 +122,7 @@ def test_capacity_nodrop_dropless_and_reference_agree_forward_and_grads(renormal
 def test_capacity_with_drops_matches_reference_loop():
     # capacity_factor 0.5: C = ceil(0.5 * 2 * 16 / 4) = 4 slots per expert for 32 choices: many drop.
     cfg = moe_cfg(dispatch="capacity", capacity_factor=0.5)
-    cap = D.capacity(T, E, K, 0.5, 1)
+    cap = dispatch_fns.capacity(T, E, K, 0.5, 1)
     assert cap == 4
     layer = make_layer(cfg, seed=3)
     params, x, ct = weights_of(layer), inputs(4), inputs(5)
@@ -172,10 +172,10 @@ def worked_example():
 
 def test_worked_example_slots_drops_and_outputs():
     layer, x = worked_example()
-    assert D.capacity(8, E, K, 0.5, 1) == 2
-    r = R.route(x[0, :, :4], K, renormalize=True)
+    assert dispatch_fns.capacity(8, E, K, 0.5, 1) == 2
+    r = router.route(x[0, :, :4], K, renormalize=True)
     np.testing.assert_array_equal(r.experts_TK, np.array(ROUTES))
-    slot_TK, kept_TK = D.assign_slots(r.experts_TK, E, 2)
+    slot_TK, kept_TK = dispatch_fns.assign_slots(r.experts_TK, E, 2)
     np.testing.assert_array_equal(kept_TK, KEPT)
     # slot = expert * C + position; dropped -> E * C = 8
     np.testing.assert_array_equal(slot_TK, [[0, 8], [1, 8], [2, 8], [4, 7], [5, 8], [8, 8], [3, 8], [6, 8]])
@@ -210,7 +210,7 @@ def test_token_with_every_choice_dropped_outputs_its_residual():
         out, aux = layer(x, pos, seg, train=True, rng=None)
         x_mid = x + layer.attn(layer.attn_norm(x), pos, seg)  # residual stream entering the FFN sub-layer
         logits = jnp.einsum("BTD,DE->BTE", layer.ffn_norm(x_mid), layer.ffn.w_router_DE[...])
-        kept = jax.vmap(lambda lg: D.assign_slots(R.route(lg, K, True).experts_TK, E, 1)[1])(logits)
+        kept = jax.vmap(lambda lg: dispatch_fns.assign_slots(router.route(lg, K, True).experts_TK, E, 1)[1])(logits)
         return out, aux, x_mid, kept
 
     out, aux, x_mid, kept = run(layer, x)
@@ -283,9 +283,9 @@ def test_expert_receiving_no_tokens_has_zero_finite_grads(dispatch):
 def test_gates_renormalised_sum_to_one_else_raw_probs():
     logits = jax.random.normal(jax.random.key(0), (32, 8)) * 2
     probs = jax.nn.softmax(logits, axis=-1)
-    r = R.route(logits, 3, renormalize=True)
+    r = router.route(logits, 3, renormalize=True)
     np.testing.assert_allclose(jnp.sum(r.gates_TK, -1), 1.0, rtol=TOL)
-    raw = R.route(logits, 3, renormalize=False)
+    raw = router.route(logits, 3, renormalize=False)
     np.testing.assert_array_equal(raw.experts_TK, r.experts_TK)
     np.testing.assert_allclose(raw.gates_TK, jnp.take_along_axis(probs, raw.experts_TK, -1), rtol=TOL)
     assert (np.asarray(jnp.sum(raw.gates_TK, -1)) < 1.0).all()
@@ -299,12 +299,12 @@ def test_load_balance_loss_hand_example():
     probs = np.array([[0.75, 0.25], [0.25, 0.75], [0.6, 0.4], [0.9, 0.1]])
     logits = jnp.asarray(np.log(probs), jnp.float32)
     # K=1: top-1 experts 0, 1, 0, 0 -> f = (3/4, 1/4); loss = 2 * (.75 * .625 + .25 * .375) = 1.125
-    np.testing.assert_allclose(R.load_balance_loss(R.route(logits, 1, True)), 1.125, rtol=TOL)
+    np.testing.assert_allclose(router.load_balance_loss(router.route(logits, 1, True)), 1.125, rtol=TOL)
     # K=2: every token picks both -> f = (1/2, 1/2); loss = 2 * (.5 * .625 + .5 * .375) = 1.0
-    np.testing.assert_allclose(R.load_balance_loss(R.route(logits, 2, True)), 1.0, rtol=TOL)
-    np.testing.assert_allclose(R.expert_fraction(R.route(logits, 1, True).experts_TK, 2), [0.75, 0.25], rtol=TOL)
+    np.testing.assert_allclose(router.load_balance_loss(router.route(logits, 2, True)), 1.0, rtol=TOL)
+    np.testing.assert_allclose(router.expert_fraction(router.route(logits, 1, True).experts_TK, 2), [0.75, 0.25], rtol=TOL)
     # f is a count (stop-gradient): d loss / d logits flows only through P.
-    g = jax.grad(lambda lg: R.load_balance_loss(R.route(lg, 1, True)))(logits)
+    g = jax.grad(lambda lg: router.load_balance_loss(router.route(lg, 1, True)))(logits)
     p = jax.nn.softmax(logits)
     f = jnp.array([0.75, 0.25])
     expect = jax.grad(lambda lg: 2 * jnp.sum(f * jnp.mean(jax.nn.softmax(lg), 0)))(logits)
@@ -315,7 +315,7 @@ def test_load_balance_loss_hand_example():
 def test_router_z_loss_hand_example():
     # t0 logits (0, 0): lse = ln 2; t1 (ln 3, 0): lse = ln 4 = 2 ln 2. mean of squares = 2.5 (ln 2)^2.
     logits = jnp.array([[0.0, 0.0], [math.log(3.0), 0.0]], jnp.float32)
-    np.testing.assert_allclose(R.router_z_loss(R.route(logits, 1, True)), 2.5 * math.log(2.0) ** 2, rtol=TOL)
+    np.testing.assert_allclose(router.router_z_loss(router.route(logits, 1, True)), 2.5 * math.log(2.0) ** 2, rtol=TOL)
 
 
 def test_layer_aux_equals_formulas_over_all_tokens():

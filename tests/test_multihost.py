@@ -1,5 +1,6 @@
 """Two processes on localhost (2 fake CPU devices each, gloo collectives) train through train.py; their
-losses equal one process with 4 devices fed the same global batches."""
+losses, and the in-training eval (each host evaluating its share of the rows), equal one process with 4
+devices fed the same global batches."""
 
 import json
 import os
@@ -44,7 +45,10 @@ def test_two_processes_match_one_process(tmp_path):
     ref = subprocess.run([sys.executable, "tests/helpers/multihost_reference.py", "configs/tiny.yaml", *OVERRIDES],
                          cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    single = json.loads(ref.stdout.strip().splitlines()[-1])
+    ref = json.loads(ref.stdout.strip().splitlines()[-1])
+    single = ref["losses"]
     assert len(multi) == len(single) == 3
     assert multi == pytest.approx(single, rel=1e-5)
+    assert records[-1]["eval_tokens"] == ref["eval_tokens"]  # not N hosts x the tokens
+    assert records[-1]["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
     assert (workdir / "checkpoints" / "3").is_dir()

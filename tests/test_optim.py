@@ -1,4 +1,4 @@
-"""moe.optim: schedule values vs hand-computed numbers, the decay mask, skipped non-finite updates,
+"""moe.train.optim: schedule values vs hand-computed numbers, the decay mask, skipped non-finite updates,
 Lion's first update, and that each optimizer reduces a least-squares loss."""
 
 import dataclasses
@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from moe.config import OptimConfig
-from moe.optim import decay_mask, make_optimizer, make_schedule, skip_stats
+from moe.train.optim import decay_mask, make_optimizer, make_schedule, skip_stats
 
 # lr 2, warmup 10, 110 total steps, floor 0.2 (min_lr_ratio 0.1); wsd decays over the last 22 steps.
 BASE = OptimConfig(lr=2.0, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)

@@ -1,11 +1,11 @@
-"""Scaling-law fits recover known laws from synthetic data (moe.scaling_fit)."""
+"""Scaling-law fits recover known laws from synthetic data (moe.scaling.fit)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from moe import scaling_fit as sf
+from moe.scaling import fit as sf
 
 # Epoch AI's refit of Chinchilla (Besiroglu et al. 2024).
 TRUE = {"E": 1.82, "A": 482.0, "B": 2085.0, "alpha": 0.348, "beta": 0.366}

@@ -1,4 +1,4 @@
-"""Sweep files (moe.sweep), the resumable runner, and the run -> collect -> fit -> plot loop (moe.scaling)."""
+"""Sweep files (moe.scaling.sweep), the resumable runner, and the run -> collect -> fit -> plot loop (moe.scaling.runner)."""
 
 import json
 import os
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from moe import scaling
+from moe.scaling import runner as scaling
 from moe.config import load_config
-from moe.scaling_fit import FitError
-from moe.sweep import SweepError, load_sweep
+from moe.scaling.fit import FitError
+from moe.scaling.sweep import SweepError, load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -50,7 +50,7 @@ warmup_fraction: 0.1
 
 
 def test_size_ladder_and_compute_budgets_size_tokens_from_flops(tmp_path):
-    from moe.model import flops_per_token
+    from moe.model.decoder import flops_per_token
 
     path = _sweep(tmp_path, """
 fixed: {train.batch_size: 8, train.seq_len: 64}
@@ -153,8 +153,8 @@ def test_tiny_sweep_run_collect_fit_plot(tmp_path, capsys):
 def test_plots_from_a_synthetic_isoflop_sweep(tmp_path):
     import numpy as np
 
-    from moe import scaling_fit as sf
-    from moe.scaling_plot import plot_all
+    from moe.scaling import fit as sf
+    from moe.scaling.plot import plot_all
 
     true = {"E": 1.82, "A": 482.0, "B": 2085.0, "alpha": 0.348, "beta": 0.366}
     rows = []

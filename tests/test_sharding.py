@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from moe import checkpoint as ckpt
-from moe import train_lib as TL
+from moe.train import checkpoint as ckpt
+from moe.train import steps as train_steps
 from moe.config import ConfigError, load_config
-from moe.sharding import make_mesh, resolve_mesh_shape
+from moe.runtime.sharding import make_mesh, resolve_mesh_shape
 
 # fp32: these tests check equalities of the math (bf16, the preset's dtype, rounds differently per mesh);
 # test_bf16_expert_parallel_mesh_close_to_single_device covers bf16 under a mesh.
@@ -34,12 +34,12 @@ def _batch(seed: int) -> dict:
 def _train(overrides, steps=2, devices=None, state=None, start=0):
     cfg = load_config("configs/tiny.yaml", SMALL + overrides)
     mesh = make_mesh(cfg.mesh, devices)
-    setup = TL.build(cfg, mesh)
-    state = TL.init_state(setup) if state is None else state
-    step_fn = TL.make_train_step(setup)
+    setup = train_steps.build(cfg, mesh)
+    state = train_steps.init_state(setup) if state is None else state
+    step_fn = train_steps.make_train_step(setup)
     losses = []
     for i in range(start, start + steps):
-        state, m = step_fn(state, TL.device_batch(setup, _batch(i)))
+        state, m = step_fn(state, train_steps.device_batch(setup, _batch(i)))
         losses.append(float(m["loss"]))
     return setup, state, losses
 
@@ -75,11 +75,11 @@ def test_bf16_expert_parallel_mesh_close_to_single_device():
     runs = {}
     for name, overrides, devices in (("single", ["mesh.data=1"], jax.devices()[:1]), ("mesh", MESHES["d2f2e2"], None)):
         cfg = load_config("configs/tiny.yaml", bf16 + overrides)
-        setup = TL.build(cfg, make_mesh(cfg.mesh, devices))
-        state, step_fn = TL.init_state(setup), TL.make_train_step(setup)
+        setup = train_steps.build(cfg, make_mesh(cfg.mesh, devices))
+        state, step_fn = train_steps.init_state(setup), train_steps.make_train_step(setup)
         losses = []
         for i in range(2):
-            state, m = step_fn(state, TL.device_batch(setup, _batch(i)))
+            state, m = step_fn(state, train_steps.device_batch(setup, _batch(i)))
             losses.append(float(m["loss"]))
         runs[name] = losses, jax.device_get(state["params"])
     assert np.all(np.isfinite(runs["mesh"][0]))
@@ -91,11 +91,11 @@ def test_bf16_expert_parallel_mesh_close_to_single_device():
 def test_expert_parallel_step_uses_all_to_all_and_never_gathers_expert_weights_over_expert_axis():
     cfg = load_config("configs/tiny.yaml", SMALL + MESHES["f2e4"])
     mesh = make_mesh(cfg.mesh)
-    setup = TL.build(cfg, mesh)
+    setup = train_steps.build(cfg, mesh)
     batch = {k: jax.ShapeDtypeStruct((8, 32), np.float32 if k == "weights" else np.int32, sharding=s)
-             for k, s in TL.batch_shardings(setup).items()}
+             for k, s in train_steps.batch_shardings(setup).items()}
     with jax.set_mesh(mesh):
-        hlo = TL.make_train_step(setup).jitted.lower(setup.abstract_state, batch).compile().as_text()
+        hlo = train_steps.make_train_step(setup).jitted.lower(setup.abstract_state, batch).compile().as_text()
     a2a = [l for l in hlo.splitlines() if " all-to-all(" in l]
     assert any("{'expert'}" in l for l in a2a), "no all-to-all over the expert axis"
     expert_weight_shapes = {"8,64,128", "8,128,64", "1,8,64,128", "1,8,128,64"}
@@ -110,12 +110,12 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, single):
 
     setup_a, state_a, losses_a = _train(MESHES["d2f2e2"], steps=2)
     ck = ckpt.Checkpointer(str(tmp_path), CheckpointConfig(async_save=False), with_data=False)
-    ck.save(2, state_a, {"note": "mesh a"}, force=True)
+    ck.save(2, state_a, {"note": "mesh a"})
     ck.wait()
     _, _, cont_a = _train(MESHES["d2f2e2"], steps=2, state=state_a, start=2)
     # restore onto (data=8) and continue: same losses as continuing on the original mesh
     cfg_b = load_config("configs/tiny.yaml", SMALL + MESHES["data8"])
-    setup_b = TL.build(cfg_b, make_mesh(cfg_b.mesh))
+    setup_b = train_steps.build(cfg_b, make_mesh(cfg_b.mesh))
     step, state_b, meta = ckpt.Checkpointer(str(tmp_path), CheckpointConfig(), with_data=False).restore_latest(
         setup_b.abstract_state)
     assert step == 2 and meta == {"note": "mesh a"}
@@ -129,7 +129,7 @@ def test_mesh_validation_errors():
         resolve_mesh_shape(load_config("configs/tiny.yaml", ["mesh.data=3"]).mesh, 8)
     with pytest.raises(ConfigError, match=r"num_experts \(6\).*mesh.expert \(4\)"):
         cfg = load_config("configs/tiny.yaml", SMALL + ["model.num_experts=6"] + MESHES["f2e4"])
-        TL.build(cfg, make_mesh(cfg.mesh))
+        train_steps.build(cfg, make_mesh(cfg.mesh))
     with pytest.raises(ConfigError, match=r"batch_size \(12\).*8"):
         cfg = load_config("configs/tiny.yaml", SMALL + ["train.batch_size=12", "mesh.data=8"])
-        TL.build(cfg, make_mesh(cfg.mesh))
+        train_steps.build(cfg, make_mesh(cfg.mesh))

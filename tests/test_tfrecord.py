@@ -1,4 +1,4 @@
-"""tfrecord TFDS datasets read through tf.data (`moe.tfrecord_source`): the same eval batches as the
+"""tfrecord TFDS datasets read through tf.data (`moe.data.tfrecord_source`): the same eval batches as the
 ArrayRecord build of the same documents, per-epoch coverage and disjoint host shares, a seeded order, and
 bit-exact resume from the iterator state (also across an epoch boundary, and through orbax).
 
@@ -16,10 +16,10 @@ import tensorflow_datasets as tfds
 pytest.importorskip("tensorflow")
 
 from moe.config import load_config  # noqa: E402
-from moe.corpus import DataError, MoeText, open_corpus, text_config  # noqa: E402
-from moe.data import check_data, eval_batches, train_iterator  # noqa: E402
-from moe.tfrecord_source import TfRecordSource  # noqa: E402
-from moe.tokenizer import load_tokenizer  # noqa: E402
+from moe.data.corpus import DataError, MoeText, open_corpus, text_config  # noqa: E402
+from moe.data.pipeline import check_data, eval_batches, train_iterator  # noqa: E402
+from moe.data.tfrecord_source import TfRecordSource  # noqa: E402
+from moe.data.tokenizer import load_tokenizer  # noqa: E402
 from tests.helpers.orbax_iter import orbax_roundtrip  # noqa: E402
 
 BASE = ["model.vocab_size=1024", "train.seq_len=32", "train.batch_size=4", "data.shuffle_buffer=16"]

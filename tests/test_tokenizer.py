@@ -8,8 +8,8 @@ import pytest
 import sentencepiece as spm
 
 from moe.config import load_config
-from moe.corpus import DataError, open_corpus
-from moe.tokenizer import cached_path, load_tokenizer, tokenizer_from_file, train_tokenizer
+from moe.data.corpus import DataError, open_corpus
+from moe.data.tokenizer import cached_path, load_tokenizer, tokenizer_from_file, train_tokenizer
 
 VOCAB = 1024  # small vocabulary: trains in ~1 s and still exercises merges, byte fallback and specials
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

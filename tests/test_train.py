@@ -1,8 +1,8 @@
-"""End-to-end training on the built-in corpus (issue #3): loss goes down, metrics and checkpoints are
+"""End-to-end training on the built-in corpus: loss goes down, metrics and checkpoints are
 complete, a stopped-and-resumed run is bit-identical to an uninterrupted one, Lion and AdamW both learn,
 `train.init_from` starts from another run's params, and the resolved config lands in WORKDIR/config.yaml.
 
-Runs are in-process (`train.train(cfg, workdir)`) and shared through module-scoped fixtures. Every run uses
+Runs are in-process (`loop.train(cfg, workdir)`) and shared through module-scoped fixtures. Every run uses
 the same model, batch and schedule (`OVERRIDES`; stops before `train.steps` come from the SIGTERM hook
 MOE_FAULT_SIGTERM_STEP), so the jitted steps compile once and later runs load them from the persistent
 compilation cache (conftest.py).
@@ -16,10 +16,11 @@ import pytest
 import yaml
 
 import train
-from moe import config as C
-from moe.checkpoint import Checkpointer
+from moe.train import loop
+from moe import config
+from moe.train.checkpoint import Checkpointer
 from moe.config import load_config
-from moe.metrics import read_metrics
+from moe.train.metrics import read_metrics
 
 
 STEPS = 30
@@ -35,14 +36,14 @@ def tiny(*extra):
 
 
 def run(workdir, *extra, stop_at=None):
-    """train.train on `workdir`; with stop_at, a SIGTERM arrives after that step (train.Preempted)."""
+    """train.train on `workdir`; with stop_at, a SIGTERM arrives after that step (loop.Preempted)."""
     with pytest.MonkeyPatch.context() as mp:
         if stop_at is not None:
             mp.setenv("MOE_FAULT_SIGTERM_STEP", str(stop_at))
-            with pytest.raises(train.Preempted, match=f"SIGTERM at step {stop_at}"):
-                train.train(tiny(*extra), str(workdir))
+            with pytest.raises(loop.Preempted, match=f"SIGTERM at step {stop_at}"):
+                loop.train(tiny(*extra), str(workdir))
             return None
-        return train.train(tiny(*extra), str(workdir))
+        return loop.train(tiny(*extra), str(workdir))
 
 
 def losses(workdir):
@@ -89,8 +90,8 @@ def test_end_to_end_loss_metrics_checkpoints(run_a):
 def test_resolved_config_written(run_a):
     wd, _ = run_a
     written = yaml.safe_load((wd / "config.yaml").read_text())
-    assert written == C.to_dict(tiny())
-    assert C.from_dict(written) == tiny()
+    assert written == config.to_dict(tiny())
+    assert config.from_dict(written) == tiny()
 
 
 def test_stop_and_resume_is_bit_identical(run_a, run_b):
@@ -107,8 +108,8 @@ def test_stop_and_resume_is_bit_identical(run_a, run_b):
 
 def test_resume_with_changed_model_is_refused(run_a, tmp_path):
     wd, _ = run_a
-    with pytest.raises(C.ConfigError, match=r"model.d_ff: 128 \(checkpoint\) -> 256 \(now\)") as e:
-        train.train(tiny("model.d_ff=256", "optim.lr=1e-3", "train.log_every=5"), str(wd))
+    with pytest.raises(config.ConfigError, match=r"model.d_ff: 128 \(checkpoint\) -> 256 \(now\)") as e:
+        loop.train(tiny("model.d_ff=256", "optim.lr=1e-3", "train.log_every=5"), str(wd))
     msg = str(e.value)
     assert "optim.lr" in msg and "train.log_every" not in msg and "\n" not in msg  # log_every may change
 

@@ -1,0 +1,206 @@
+"""The training loop: `train(cfg, workdir)` runs (or resumes) a run to cfg.train.steps.
+
+Owns: the order of things in a run, in banner sections (input -> mesh & state -> resume -> evals -> loop
+-> summary). What happens inside each is owned elsewhere: the steps (steps.py), the resume policy
+(checkpoint.py), the rollback policy (guards.py), the eval (moe/eval/lm.py), the metrics files
+(metrics.py). train.py is the command line around it.
+
+SIGTERM/SIGINT (spot preemption) finish the current step, save, and raise `Preempted`; the next start
+resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from moe import config
+from moe.data import pipeline
+from moe.data.tokenizer import load_tokenizer
+from moe.eval import lm as eval_lm
+from moe.model.decoder import flops_per_token, param_counts
+from moe.runtime.peak import peak_flops_per_second
+from moe.runtime.sharding import make_mesh
+from moe.train import faults
+from moe.train import steps as train_steps
+from moe.train.checkpoint import Checkpointer, restore_params
+from moe.train.guards import Guard
+from moe.train.metrics import MetricsWriter
+
+log = logging.getLogger("moe.train")
+
+
+class Preempted(Exception):
+    pass
+
+
+def train(cfg: config.Config, workdir: str) -> dict:
+    """Runs (or resumes) training to cfg.train.steps; returns the summary written to WORKDIR/summary.json."""
+    t_start = time.time()
+    pid, nproc = jax.process_index(), jax.process_count()
+    is_main = pid == 0
+    os.makedirs(workdir, exist_ok=True)
+
+    # ---------------------------------------------------------------- input (validated before compiling)
+    pipeline.check_data(cfg)
+    tok = load_tokenizer(cfg)
+    if is_main and os.path.abspath(tok.path) != os.path.abspath(os.path.join(workdir, "tokenizer.model")):
+        with open(os.path.join(workdir, "tokenizer.model"), "wb") as f, open(tok.path, "rb") as src:
+            f.write(src.read())
+    config.check_placement(cfg, processes=nproc)
+    data_iter = pipeline.train_iterator(cfg, tok, pid, nproc)
+
+    # ---------------------------------------------------------------- mesh and sharded state
+    mesh = make_mesh(cfg.mesh)
+    setup = train_steps.build(cfg, mesh)
+    train_step = train_steps.make_train_step(setup)
+    total_params, active_params = param_counts(cfg.model)
+    flops_tok = flops_per_token(cfg.model, cfg.train.seq_len)
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    peak = peak_flops_per_second(cfg.model.dtype)
+    log.info("model: %s params total, %s active; mesh %s; %.3g FLOPs/token", f"{total_params:,}",
+             f"{active_params:,}", dict(mesh.shape), flops_tok)
+
+    # ---------------------------------------------------------------- checkpoint / resume (policy: checkpoint.py)
+    checkpointer = Checkpointer(workdir, cfg.checkpoint)
+    meta = {"config": config.to_dict(cfg), "tokenizer_sha": file_sha(tok.path), "params_total": total_params}
+
+    def check_resumable(saved: dict) -> None:  # before the state is read: a changed model is an error, not damage
+        diffs = config.resume_diff(saved.get("config", {}), meta["config"])
+        if diffs:
+            raise config.ConfigError("the config differs from the checkpoint's in keys that cannot change on "
+                                     "resume: " + "; ".join(diffs) + " (use a new --workdir, or restore these values)")
+        if saved.get("tokenizer_sha") not in (None, meta["tokenizer_sha"]):
+            raise config.ConfigError(f"the tokenizer ({tok.path}) differs from the one the checkpoint was trained with")
+
+    restored = checkpointer.restore_latest(setup.abstract_state, data_iter, check_meta=check_resumable)
+    if restored is not None:
+        step, state, _ = restored
+        log.info("resumed from step %d in %s", step, checkpointer.dir)
+    else:
+        step, state = 0, train_steps.init_state(setup)
+        if cfg.train.init_from:
+            src_step, params = restore_params(cfg.train.init_from, setup.abstract_state["params"])
+            state = dict(state, params=params, opt_state=train_steps.fresh_opt_state(setup, params))
+            log.info("initialised params from %s (step %d)", cfg.train.init_from, src_step)
+    for step_, reason in checkpointer.damaged:
+        log.warning("skipped damaged checkpoint step %d: %s", step_, reason)
+    writer = MetricsWriter(workdir, enabled=is_main)
+    writer.truncate_after(step)
+    if is_main:
+        with open(os.path.join(workdir, "config.yaml"), "w") as f:
+            f.write(config.dump_yaml(cfg))
+
+    # ---------------------------------------------------------------- evals (the same function as eval.py)
+    eval_run = eval_lm.training_run(workdir, cfg, tok, mesh)
+
+    def evaluate() -> dict:
+        m = eval_lm.evaluate_lm(eval_lm.with_params(eval_run, state["params"], step), max_batches=cfg.train.eval_batches)
+        return {"eval_loss": m["loss"], "eval_bits_per_byte": m["bits_per_byte"], "eval_tokens": m["tokens"]}
+
+    # ---------------------------------------------------------------- loop
+    stop_signal: list[str] = []
+    old_handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signal.Signals(signum).name))
+                    for s in (signal.SIGTERM, signal.SIGINT)}
+    batches = faults.install(data_iter, lambda: step + 1, cfg.model.vocab_size)
+    guard = Guard(cfg.train, cfg.optim)
+    last: dict = {}
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not (is_main and cfg.train.progress),
+               dynamic_ncols=True, desc="train")
+    t_log, step_log = time.time(), step
+    try:
+        while step < cfg.train.steps:
+            state, pending = train_step(state, train_steps.device_batch(setup, next(batches)))
+            step += 1
+            bar.update(1)
+            is_log = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            is_eval = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps
+            if is_log or is_eval or stop_signal:  # metrics are fetched only here: no per-step host sync
+                m = jax.device_get(pending)
+                now = time.time()
+                tps = (step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
+                t_log, step_log = now, step
+                what = guard.verdict(m)
+                if what:
+                    step, state = _roll_back(checkpointer, setup, data_iter, guard, step, what, float(m["loss"]))
+                    writer.truncate_after(step)  # metrics of the discarded steps go; `rollbacks` says why
+                    bar.n = step
+                    continue
+                record = {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in m.items()}
+                record.update(tokens_per_sec=tps, mfu=tps * flops_tok / peak, rollbacks=guard.rollbacks,
+                              skipped_batches=guard.skipped_batches)
+                if is_eval:
+                    record.update(evaluate())
+                    peak = peak_flops_per_second(cfg.model.dtype, remeasure=True)  # the highest seen so far
+                writer.write(step, record)
+                last = record
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")
+            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop_signal:
+                checkpointer.save(step, state, meta, data_iter)
+            if stop_signal and step < cfg.train.steps:  # at the last step the run is simply done
+                checkpointer.wait()
+                raise Preempted(f"{stop_signal[0]} at step {step}")
+        checkpointer.wait()
+        params_sha = _params_sha(state["params"])
+    finally:
+        bar.close()
+        writer.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        checkpointer.close()
+
+    # ---------------------------------------------------------------- summary
+    summary = {
+        "step": step, "loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
+        "bits_per_byte": last.get("eval_bits_per_byte"), "params_total": total_params,
+        "params_active": active_params, "tokens": step * tokens_per_step,
+        "flops": flops_tok * step * tokens_per_step, "wall_time_s": time.time() - t_start,
+        "rollbacks": guard.rollbacks, "skipped_batches": guard.skipped_batches, "params_sha": params_sha, "done": True,
+    }
+    if is_main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+def _roll_back(checkpointer: Checkpointer, setup, data_iter, guard: Guard, step: int, what: str,
+               loss: float) -> tuple[int, dict]:
+    """Back to the newest good checkpoint the guard allows, the data iterator left where it is (the batches
+    since that checkpoint are skipped). Raises Diverged when the ladder has no step left."""
+    checkpointer.wait()
+    it_state = data_iter.get_state()
+    back = checkpointer.restore_latest(setup.abstract_state, data_iter, max_step=guard.ceiling())
+    if back is None:
+        raise guard.give_up(step, what, loss)
+    guard.rolled_back(step, back[0])
+    log.warning("step %d: %s (loss %.4g); rolled back to step %d and skipped %d batches", step, what, loss,
+                back[0], step - back[0])
+    data_iter.set_state(it_state)
+    return back[0], back[1]
+
+
+def _params_sha(params) -> str | None:
+    """SHA-256 of the final params (leaf paths, dtypes, shapes and bytes): equal hashes = bit-identical runs.
+    None when this process does not hold every shard (multi-process runs)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not all(leaf.is_fully_addressable for _, leaf in leaves):
+        return None
+    h = hashlib.sha256()
+    for path, leaf in leaves:
+        a = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def file_sha(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
