@@ -69,22 +69,25 @@ def evaluate(run, args) -> dict:
             for k in args.shots:
                 res["tasks"][f"{task.name}/{k}-shot"] = tasks.run_task(run, task, k, args.seed, run.cfg.train.batch_size)
     if args.lm_eval:
-        res["lm_eval"] = run_lm_eval(run, args)
+        res["lm_eval"], res["lm_eval_boundary_merges"] = run_lm_eval(run, args)
     return res
 
 
-def run_lm_eval(run, args) -> dict:
+def run_lm_eval(run, args) -> tuple[dict, int]:
+    """lm-eval's numeric metrics per task, and how many (context, continuation) pairs a BPE merge across
+    their boundary made the adapter re-split (moe/lm_eval_adapter.py)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from moe.lm_eval_adapter import MoeLM
 
-    out = lm_eval.simple_evaluate(model=MoeLM(run=run, batch_size=run.cfg.train.batch_size),
+    model = MoeLM(run=run, batch_size=run.cfg.train.batch_size)
+    out = lm_eval.simple_evaluate(model=model,
                                   tasks=[t for t in args.lm_eval.split(",") if t], num_fewshot=args.lm_eval_shots,
                                   limit=args.lm_eval_limit, task_manager=TaskManager(include_path=args.lm_eval_include),
                                   random_seed=args.seed, numpy_random_seed=args.seed, fewshot_random_seed=args.seed)
-    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            for task, metrics in out["results"].items()}
+    return ({task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+             for task, metrics in out["results"].items()}, model.boundary_merges)
 
 
 def table(res: dict) -> str:
@@ -98,6 +101,9 @@ def table(res: dict) -> str:
         lines.append(f"  {name:<36} accuracy {m['accuracy']:.3f}{extra}  (n={m['examples']})")
     for name, m in res.get("lm_eval", {}).items():
         lines.append(f"  lm-eval {name:<28} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
+    if res.get("lm_eval_boundary_merges"):
+        lines.append(f"  lm-eval: {res['lm_eval_boundary_merges']} pairs re-split where BPE merged across the "
+                     "context/continuation boundary")
     return "\n".join(lines)
 
 

@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 
+from moe.train.signals import Preempted, raise_on_signal
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again — the next start resumes from the checkpoint just written
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 1  # rolled back to every checkpoint the ladder allows: lower optim.lr or fix the data
@@ -39,6 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except Preempted as e:  # also during the imports and set-up below: train.py exits 75 from the first instant
+        print(f"stopped by {e} — run the same command to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
+
+
+def run(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -50,7 +60,7 @@ def main(argv=None) -> int:
     from moe.runtime.multihost import init_processes
     from moe.train.checkpoint import CheckpointError
     from moe.train.guards import Diverged
-    from moe.train.loop import Preempted, train
+    from moe.train.loop import train
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -62,16 +72,18 @@ def main(argv=None) -> int:
         init_processes(args.coordinator, args.num_processes, args.process_id)
         train(cfg, args.workdir or os.path.join("runs", cfg.name))
     except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Preempted as e:
-        print(f"stopped by {e}; checkpoint written — run the same command to resume", file=sys.stderr)
-        return EXIT_PREEMPTED
     except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_DIVERGED
     return 0
 
 
+def one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 if __name__ == "__main__":
+    raise_on_signal()  # from the first instant: a stop signal during start-up exits 75 with a message, too
     sys.exit(main())

@@ -127,7 +127,8 @@ class DataConfig:
     validation_fraction: float = f(0.05, "builtin/files: fraction of documents held out (by a stable hash)",
                                    Range(0, 1, lo_open=True, hi_open=True))
     shuffle_buffer: int = f(1024, "documents shuffled before packing (in addition to a global shuffle)", ATLEAST1)
-    num_workers: int = f(0, "grain worker processes; 0 = read in the training process", NONNEG, resume=True)
+    num_workers: int = f(0, "grain worker processes; 0 = read in the training process. Fixed for a run: each worker "
+                         "packs its own slice of the documents, so the batches depend on it", NONNEG)
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,8 @@ def _hints(cls) -> dict[str, Any]:
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    listed = sorted({k.split(".")[0] for k in valid}) if "." not in key else valid  # a bad section: the sections
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(listed)}"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
@@ -276,7 +278,7 @@ def _build(cls, tree: dict, prefix: str = ""):
     valid = [prefix + k for k in hints]
     kwargs = {}
     for name, value in tree.items():
-        key = prefix + name
+        key = prefix + str(name)
         if name not in hints:
             raise _unknown(key, all_keys() if not prefix else valid)
         typ = hints[name]
@@ -304,13 +306,18 @@ def read_preset(path: str | Path, _seen: tuple = ()) -> dict:
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: circular 'base:' chain {' -> '.join(str(p) for p in _seen)}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; --config takes a YAML preset (e.g. configs/tiny.yaml)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        where, what = _yaml_error(e)
+        raise ConfigError(f"{path}{where}: not valid YAML ({what})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a preset must be a mapping of sections")
     base = tree.pop("base", None)
     tree.setdefault("name", path.stem)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be one preset file name (e.g. base: tiny.yaml), got {base!r}")
     if base:
         parent = read_preset(path.parent / base, _seen + (path.resolve(),))
         parent.pop("name", None)
@@ -322,8 +329,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value (e.g. model.num_experts=16)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({_yaml_error(e)[1]}); quote it or fix "
+                          "the brackets (lists look like [a, b])") from None
     return key.strip().split("."), value
+
+
+def _yaml_error(e: yaml.YAMLError) -> tuple[str, str]:
+    """(':LINE:COLUMN' or '', the problem on one line) of a PyYAML error."""
+    mark = getattr(e, "problem_mark", None)
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    return where, " ".join(str(getattr(e, "problem", None) or e).split())
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
@@ -336,6 +354,8 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         node = tree
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(parts)}: '{p}' is {node!r} in the preset, not a section of keys")
         node[parts[-1]] = value
     return tree
 

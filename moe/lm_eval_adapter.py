@@ -18,6 +18,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from moe.eval import lm as eval_lm
+from moe.eval.tasks import split_pair
 
 
 @register_model("moe")
@@ -35,6 +36,7 @@ class MoeLM(TemplateLM):
         self.run = run
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length) if max_length else run.cfg.train.seq_len
+        self.boundary_merges = 0  # (context, continuation) pairs re-split because BPE merged across them
 
     # --- tokenization ----------------------------------------------------------------------------
 
@@ -59,8 +61,17 @@ class MoeLM(TemplateLM):
     # --- requests ----------------------------------------------------------------------------------
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """lm-eval's token split (`TemplateLM._encode_pair`) cuts encode(context + continuation) at
+        len(encode(context)); when BPE merges across that boundary the continuation comes out shifted or
+        empty. Pairs whose strings are known are re-split by `moe.eval.tasks.split_pair` (our task runner's
+        rule); `boundary_merges` counts how often a merge moved the boundary."""
         bos = self.prefix_token_id
-        pairs = [(ctx if ctx[:1] == [bos] else [bos, *ctx], cont) for _, ctx, cont in requests]
+        pairs = []
+        for key, ctx, cont in requests:
+            if isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key):
+                ctx, cont, merged = split_pair(self.run.tok, *key)
+                self.boundary_merges += merged
+            pairs.append((ctx if ctx[:1] == [bos] else [bos, *ctx], cont))
         out = eval_lm.score(self.run, pairs, self.batch_size, self.max_length)
         for (key, _, _), res in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", key, res)

@@ -79,3 +79,37 @@ def test_simple_evaluate_custom_tasks(lm, monkeypatch):
 def test_bad_model_args():
     with pytest.raises(eval_lm.EvalError, match="workdir"):
         MoeLM()
+
+
+MERGES = [("return self.", "_x"), ("x = self.", "__dict__"), ("if x =", "= 1"), ("except Key", "Error:"),
+          ("import", "lib")]
+
+
+def test_pairs_whose_tokens_merge_across_the_boundary_are_resplit_and_counted(lm):
+    """lm-eval cuts encode(context + continuation) at len(encode(context)); a BPE piece spanning the boundary
+    (`._` in `return self._x`) made that continuation empty (a crash) or shifted. split_pair re-splits at
+    the last shared token boundary and scores the merged piece as part of the continuation."""
+    tok = lm.run.tok
+    for c, k in MERGES:
+        ctx, cont, merged = tasks.split_pair(tok, c, k)
+        assert merged and cont and ctx[1:] + cont == tok.encode(c + k), (c, k)
+    lm.boundary_merges = 0
+    out = lm.loglikelihood(requests("loglikelihood", MERGES))
+    assert lm.boundary_merges == len(MERGES)
+    for (c, k), (ll, _) in zip(MERGES, out):
+        ctx, cont = tasks.encode_pair(tok, c, k)
+        np.testing.assert_allclose(ll, direct_loglik(lm.run, ctx, cont), rtol=1e-4, atol=1e-4)
+
+
+def test_multiple_choice_task_with_boundary_merges_scores_and_counts_them(lm, monkeypatch):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(ROOT)
+    tm = TaskManager(include_path=os.path.join(ROOT, "tests", "data", "lm_eval_tasks"))
+    lm.boundary_merges = 0
+    res = lm_eval.simple_evaluate(model=lm, tasks=["moe_python_merges"], task_manager=tm)
+    mc = tasks.run_task(lm.run, tasks.load_task(os.path.join(ROOT, "tests", "data", "tasks", "python_merges.jsonl")))
+    assert res["results"]["moe_python_merges"]["acc,none"] == pytest.approx(mc["accuracy"])
+    assert lm.boundary_merges > 0
+    print(f"\nlm-eval multiple choice with boundary merges: scored, {lm.boundary_merges} pairs re-split")

@@ -208,10 +208,12 @@ def bench_train_step(quick: bool = False, preset: str = "small", overrides: list
 
 
 def bench_checkpoint(quick: bool = False, preset: str = "small", rounds: int = 3, steps_after: int = 3) -> dict:
-    """Seconds the loop is blocked in `Checkpointer.save` (async) / step time, on the real train state.
+    """Seconds the loop is blocked in `Checkpointer.save` (async; includes the state's checksums) / step time,
+    on the real train state. Also: the slowdown of the steps that run while the background write is in flight
+    (same cores), the checksum pass alone, and what verifying adds to a restore (checksums + finiteness)."""
+    import orbax.checkpoint as ocp
 
-    Also reports the slowdown of the steps that run while the background write is in flight (same cores).
-    """
+    from moe.train import integrity
     from moe.train.checkpoint import Checkpointer
 
     cfg = _preset(preset, quick)
@@ -220,10 +222,14 @@ def bench_checkpoint(quick: bool = False, preset: str = "small", rounds: int = 3
     base = tr.time_steps(1 if quick else steps_after)
     workdir = tempfile.mkdtemp(prefix="bench_ckpt_", dir=os.environ.get("TMPDIR"))
     ck = Checkpointer(workdir, dataclasses.replace(cfg.checkpoint, async_save=True, keep=2), with_data=False)
-    stalls, slowdowns = [], []
+    stalls, slowdowns, sums, restores, verifies = [], [], [], [], []
     try:
         for r in range(1 if quick else rounds):
             jax.block_until_ready(tr.state)
+            t0 = time.perf_counter()
+            expected = integrity.fingerprint(tr.state)[0]  # of the state being saved (the save repeats it)
+            sums.append(time.perf_counter() - t0)
+            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tr.state)
             t0 = time.perf_counter()
             ck.save(r + 1, tr.state, {"step": r + 1})
             stalls.append(time.perf_counter() - t0)
@@ -231,12 +237,22 @@ def bench_checkpoint(quick: bool = False, preset: str = "small", rounds: int = 3
             slowdowns.append((during - base) * (1 if quick else steps_after) / base)
             ck.wait()
             base = tr.time_steps(1 if quick else steps_after)
+            t0 = time.perf_counter()
+            restored = ck.manager.restore(r + 1, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            jax.block_until_ready(restored["state"])
+            restores.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            if integrity.verify(restored["state"], expected):  # the benchmark must time a sound restore
+                raise RuntimeError("benchmark checkpoint did not verify")
+            verifies.append(time.perf_counter() - t0)
         ck.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    stall = statistics.median(stalls)
+    stall, restore, verify = statistics.median(stalls), statistics.median(restores), statistics.median(verifies)
     return {"ckpt_stall_ratio": stall / base, "ckpt_stall_s": stall, "step_time_s": base,
-            "ckpt_write_slowdown_steps": statistics.median(slowdowns), "preset": cfg.name}
+            "ckpt_write_slowdown_steps": statistics.median(slowdowns), "ckpt_checksum_s": statistics.median(sums),
+            "ckpt_restore_s": restore, "ckpt_verify_s": verify, "ckpt_verify_overhead": verify / restore,
+            "preset": cfg.name}
 
 
 # --- 3. compile time vs depth --------------------------------------------------------------------------

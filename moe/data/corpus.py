@@ -49,7 +49,8 @@ SPLITS = ("train", "validation")
 # packages, IDLE, and machine-generated tables (codec maps, pydoc topics) that would teach nothing about code.
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "idlelib",
                               "pydoc_data", "encodings", "turtledemo", "__pycache__", "_bundled"})
-BUILDER_REVISION = 1  # bump when the way documents are generated changes (part of every dataset name)
+BUILDER_REVISION = 1  # builtin source: bump when the way its documents are generated changes (in its dataset name)
+FILES_REVISION = 2  # files source: 2 = JSONL text fields that are not strings are skipped, not str()-ed
 
 
 class DataError(ValueError):
@@ -126,7 +127,11 @@ def _documents(config: TextConfig) -> Iterator[tuple[str, str | None, str]]:
                 # A missing field is almost always a config mistake, not one bad line: stop and say so.
                 raise DataError(f"{key}: no field '{config.text_key}' in this JSON line; set data.text_key to the "
                                 f"field holding the text (found: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
-            yield key, *_decode(str(record[config.text_key]).encode())
+            value = record[config.text_key]
+            if not isinstance(value, str):  # null, a number, a list: not a document (str() would invent one)
+                yield key, None, "not_text"
+                continue
+            yield key, *_decode(value.encode())
 
 
 def _decode(raw: bytes) -> tuple[str | None, str]:
@@ -190,7 +195,7 @@ def text_config(cfg) -> TextConfig:
     files = expand_files(d.files)
     h = hashlib.sha256(json.dumps([d.text_key, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
                        .encode()).hexdigest()[:16]
-    return TextConfig(name=f"files_r{BUILDER_REVISION}_{val}_{h}", version="1.0.0", kind="files",
+    return TextConfig(name=f"files_r{FILES_REVISION}_{val}_{h}", version="1.0.0", kind="files",
                       files=tuple(map(str, files)), text_key=d.text_key, validation_fraction=d.validation_fraction)
 
 

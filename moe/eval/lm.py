@@ -191,7 +191,8 @@ def score(run: Run, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
           max_length: int | None = None) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per pair.
 
-    Token ids are used as given (put BOS in the context yourself). Rows longer than max_length (default:
+    Token ids are used as given (put BOS in the context yourself); an empty continuation scores (0.0, True).
+    Rows longer than max_length (default:
     the training seq_len) lose context tokens from the left. Each row is one document: right padding has
     segment id 0, so it is neither attended to nor counted.
     """
@@ -204,13 +205,14 @@ def score(run: Run, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_
         rows = []
         for i in idx:
             ctx, cont = list(pairs[i][0]), list(pairs[i][1])
-            if not ctx or not cont:
-                raise EvalError(f"pair {i}: context and continuation need at least one token each")
+            if not ctx:
+                raise EvalError(f"pair {i}: the context needs at least one token (put BOS in it)")
             if len(cont) > max_length:
                 raise EvalError(f"pair {i}: continuation of {len(cont)} tokens exceeds max_length {max_length}")
             full = (ctx + cont)[-(max_length + 1):]
             rows.append((full, len(cont)))
-        length = min(-(-max(len(f) - 1 for f, _ in rows) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max_length)
+        longest = max(1, *(len(f) - 1 for f, _ in rows))  # an empty continuation scores 0 (log 1), greedy
+        length = min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max_length)
         n_rows = -(-len(rows) // run.batch_ways) * run.batch_ways
         batch = {k: np.zeros((n_rows, length), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
         batch["weights"] = np.zeros((n_rows, length), np.float32)

@@ -105,14 +105,33 @@ def few_shot_prompt(task: Task, i: int, shots: int, seed: int) -> str:
 
 
 def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """[bos] + context and the continuation's tokens, as lm-eval's TemplateLM splits them: trailing whitespace
-    of the context moves to the continuation, and the boundary is where encoding the whole text puts it (a
-    continuation starting mid-word tokenizes as it would in running text)."""
+    """[bos] + context tokens and continuation tokens (see split_pair)."""
+    ctx, cont, _ = split_pair(tok, context, continuation)
+    return ctx, cont
+
+
+def split_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int], bool]:
+    """([bos] + context tokens, continuation tokens, whether a token merged across the boundary).
+
+    As lm-eval's TemplateLM splits them: trailing whitespace of the context moves to the continuation, and the
+    boundary is where encoding the whole text puts it (a continuation starting mid-word tokenizes as it would
+    in running text). When BPE merges the end of the context with the start of the continuation (context
+    `return self.`, continuation `_x`: the whole text has a `._` piece that the context alone does not), the
+    context's own tokens are no prefix of the whole text's, and cutting at their count would score the wrong
+    tokens or none. Then the pair is re-split at the last token boundary both encodings share: the merged
+    piece is scored as part of the continuation (a few context characters scored with it, never none).
+    """
     n_space = len(context) - len(context.rstrip())
     if n_space and context.rstrip():
         context, continuation = context[:-n_space], context[-n_space:] + continuation
     whole, ctx = tok.encode(context + continuation), tok.encode(context)
-    return [tok.bos_id, *whole[: len(ctx)]], whole[len(ctx):]
+    shared = 0
+    while shared < min(len(whole), len(ctx)) and whole[shared] == ctx[shared]:
+        shared += 1
+    merged = shared < len(ctx)
+    if shared == len(whole):  # no token of the continuation's own (e.g. it is empty): score its own encoding
+        return [tok.bos_id, *ctx], tok.encode(continuation), merged
+    return [tok.bos_id, *whole[:shared]], whole[shared:], merged
 
 
 def run_task(run: Run, task: Task, shots: int = 0, seed: int = 1234, batch_size: int = 8) -> dict[str, float]:

@@ -6,16 +6,16 @@ Owns: the order of things in a run, in banner sections (input -> mesh & state ->
 (metrics.py). train.py is the command line around it.
 
 SIGTERM/SIGINT (spot preemption) finish the current step, save, and raise `Preempted`; the next start
-resumes from that checkpoint.
+resumes from that checkpoint (moe/train/signals.py: what a signal does at every other moment).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import signal
 import time
 
 import jax
@@ -31,15 +31,12 @@ from moe.runtime.peak import peak_flops_per_second
 from moe.runtime.sharding import make_mesh
 from moe.train import faults
 from moe.train import steps as train_steps
-from moe.train.checkpoint import Checkpointer, restore_params
+from moe.train.checkpoint import Checkpointer, find_checkpoint_dir, restore_params
 from moe.train.guards import Guard
 from moe.train.metrics import MetricsWriter
+from moe.train.signals import Preempted, deferred
 
 log = logging.getLogger("moe.train")
-
-
-class Preempted(Exception):
-    pass
 
 
 def train(cfg: config.Config, workdir: str) -> dict:
@@ -47,7 +44,9 @@ def train(cfg: config.Config, workdir: str) -> dict:
     t_start = time.time()
     pid, nproc = jax.process_index(), jax.process_count()
     is_main = pid == 0
-    os.makedirs(workdir, exist_ok=True)
+    prepare_workdir(workdir)
+    if cfg.train.init_from:
+        find_checkpoint_dir(cfg.train.init_from, require_steps=True)  # a wrong path fails now, not after compiling
 
     # ---------------------------------------------------------------- input (validated before compiling)
     pipeline.check_data(cfg)
@@ -69,54 +68,35 @@ def train(cfg: config.Config, workdir: str) -> dict:
     log.info("model: %s params total, %s active; mesh %s; %.3g FLOPs/token", f"{total_params:,}",
              f"{active_params:,}", dict(mesh.shape), flops_tok)
 
-    # ---------------------------------------------------------------- checkpoint / resume (policy: checkpoint.py)
-    checkpointer = Checkpointer(workdir, cfg.checkpoint)
-    meta = {"config": config.to_dict(cfg), "tokenizer_sha": file_sha(tok.path), "params_total": total_params}
+    with contextlib.ExitStack() as stack:  # closes the checkpointer (waiting for its last save) on every exit
+        # ------------------------------------------------------------ checkpoint / resume (policy: checkpoint.py)
+        checkpointer = Checkpointer(workdir, cfg.checkpoint)
+        stack.callback(checkpointer.close)
+        meta = {"config": config.to_dict(cfg), "tokenizer_sha": file_sha(tok.path), "params_total": total_params}
+        step, state = _resume(cfg, checkpointer, setup, data_iter, meta, tok.path)
+        writer = MetricsWriter(workdir, enabled=is_main)
+        stack.callback(writer.close)
+        writer.truncate_after(step)
+        if is_main:
+            with open(os.path.join(workdir, "config.yaml"), "w") as f:
+                f.write(config.dump_yaml(cfg))
 
-    def check_resumable(saved: dict) -> None:  # before the state is read: a changed model is an error, not damage
-        diffs = config.resume_diff(saved.get("config", {}), meta["config"])
-        if diffs:
-            raise config.ConfigError("the config differs from the checkpoint's in keys that cannot change on "
-                                     "resume: " + "; ".join(diffs) + " (use a new --workdir, or restore these values)")
-        if saved.get("tokenizer_sha") not in (None, meta["tokenizer_sha"]):
-            raise config.ConfigError(f"the tokenizer ({tok.path}) differs from the one the checkpoint was trained with")
+        # ------------------------------------------------------------ evals (the same function as eval.py)
+        eval_run = eval_lm.training_run(workdir, cfg, tok, mesh)
 
-    restored = checkpointer.restore_latest(setup.abstract_state, data_iter, check_meta=check_resumable)
-    if restored is not None:
-        step, state, _ = restored
-        log.info("resumed from step %d in %s", step, checkpointer.dir)
-    else:
-        step, state = 0, train_steps.init_state(setup)
-        if cfg.train.init_from:
-            src_step, params = restore_params(cfg.train.init_from, setup.abstract_state["params"])
-            state = dict(state, params=params, opt_state=train_steps.fresh_opt_state(setup, params))
-            log.info("initialised params from %s (step %d)", cfg.train.init_from, src_step)
-    for step_, reason in checkpointer.damaged:
-        log.warning("skipped damaged checkpoint step %d: %s", step_, reason)
-    writer = MetricsWriter(workdir, enabled=is_main)
-    writer.truncate_after(step)
-    if is_main:
-        with open(os.path.join(workdir, "config.yaml"), "w") as f:
-            f.write(config.dump_yaml(cfg))
+        def evaluate() -> dict:
+            m = eval_lm.evaluate_lm(eval_lm.with_params(eval_run, state["params"], step),
+                                    max_batches=cfg.train.eval_batches)
+            return {"eval_loss": m["loss"], "eval_bits_per_byte": m["bits_per_byte"], "eval_tokens": m["tokens"]}
 
-    # ---------------------------------------------------------------- evals (the same function as eval.py)
-    eval_run = eval_lm.training_run(workdir, cfg, tok, mesh)
-
-    def evaluate() -> dict:
-        m = eval_lm.evaluate_lm(eval_lm.with_params(eval_run, state["params"], step), max_batches=cfg.train.eval_batches)
-        return {"eval_loss": m["loss"], "eval_bits_per_byte": m["bits_per_byte"], "eval_tokens": m["tokens"]}
-
-    # ---------------------------------------------------------------- loop
-    stop_signal: list[str] = []
-    old_handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signal.Signals(signum).name))
-                    for s in (signal.SIGTERM, signal.SIGINT)}
-    batches = faults.install(data_iter, lambda: step + 1, cfg.model.vocab_size)
-    guard = Guard(cfg.train, cfg.optim)
-    last: dict = {}
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=not (is_main and cfg.train.progress),
-               dynamic_ncols=True, desc="train")
-    t_log, step_log = time.time(), step
-    try:
+        # ------------------------------------------------------------ loop
+        batches = faults.install(data_iter, lambda: step + 1, cfg.model.vocab_size)
+        guard = Guard(cfg.train, cfg.optim)
+        last: dict = {}
+        bar = stack.enter_context(tqdm(total=cfg.train.steps, initial=step, dynamic_ncols=True, desc="train",
+                                       disable=not (is_main and cfg.train.progress)))
+        stop_signal = stack.enter_context(deferred())  # a stop signal now finishes the step, saves, then stops
+        t_log, step_log = time.time(), step
         while step < cfg.train.steps:
             state, pending = train_step(state, train_steps.device_batch(setup, next(batches)))
             step += 1
@@ -147,15 +127,9 @@ def train(cfg: config.Config, workdir: str) -> dict:
                 checkpointer.save(step, state, meta, data_iter)
             if stop_signal and step < cfg.train.steps:  # at the last step the run is simply done
                 checkpointer.wait()
-                raise Preempted(f"{stop_signal[0]} at step {step}")
+                raise Preempted(f"{stop_signal[0]} at step {step}; checkpoint written")
         checkpointer.wait()
         params_sha = _params_sha(state["params"])
-    finally:
-        bar.close()
-        writer.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        checkpointer.close()
 
     # ---------------------------------------------------------------- summary
     summary = {
@@ -171,6 +145,54 @@ def train(cfg: config.Config, workdir: str) -> dict:
     return summary
 
 
+def _resume(cfg: config.Config, checkpointer: Checkpointer, setup, data_iter, meta: dict,
+            tok_path: str) -> tuple[int, dict]:
+    """(step, state) by the resume policy (checkpoint.py): the newest sound checkpoint, else init_from, else
+    fresh. A config or tokenizer change that cannot resume is an error, raised before any state is read."""
+
+    def check_resumable(saved: dict) -> None:
+        diffs = config.resume_diff(saved.get("config", {}), meta["config"])
+        if diffs:
+            raise config.ConfigError("the config differs from the checkpoint's in keys that cannot change on "
+                                     "resume: " + "; ".join(diffs) + " (use a new --workdir, or restore these values)")
+        if saved.get("tokenizer_sha") not in (None, meta["tokenizer_sha"]):
+            raise config.ConfigError(f"the tokenizer ({tok_path}) differs from the one the checkpoint was trained with")
+
+    restored = checkpointer.restore_latest(setup.abstract_state, data_iter, check_meta=check_resumable)
+    for bad, reason in checkpointer.damaged:
+        log.warning("skipped damaged checkpoint step %d: %s", bad, reason)
+    if restored is not None:
+        step, state, _ = restored
+        if step > cfg.train.steps:
+            raise config.ConfigError(f"train.steps ({cfg.train.steps}) is below the checkpoint's step {step} in "
+                                     f"{checkpointer.dir}: raise train.steps to go on, or use a new --workdir")
+        log.info("resumed from step %d in %s", step, checkpointer.dir)
+        return step, state
+    state = train_steps.init_state(setup)
+    if cfg.train.init_from:
+        src_step, params = restore_params(cfg.train.init_from, setup.abstract_state["params"])
+        state = dict(state, params=params, opt_state=train_steps.fresh_opt_state(setup, params))
+        log.info("initialised params from %s (step %d)", cfg.train.init_from, src_step)
+    return 0, state
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Creates the workdir, or says in one line why it cannot be used (a file, unwritable, read-only)."""
+    if "://" in workdir:
+        return  # object stores have no directories to create or probe
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise config.ConfigError(f"--workdir '{workdir}' is a file, not a directory; pass a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise config.ConfigError(f"--workdir '{workdir}' is not writable ({e.strerror or e}); fix its permissions, "
+                                 "mount or attributes, or pass another directory") from None
+
+
 def _roll_back(checkpointer: Checkpointer, setup, data_iter, guard: Guard, step: int, what: str,
                loss: float) -> tuple[int, dict]:
     """Back to the newest good checkpoint the guard allows, the data iterator left where it is (the batches
@@ -183,6 +205,9 @@ def _roll_back(checkpointer: Checkpointer, setup, data_iter, guard: Guard, step:
     guard.rolled_back(step, back[0])
     log.warning("step %d: %s (loss %.4g); rolled back to step %d and skipped %d batches", step, what, loss,
                 back[0], step - back[0])
+    for newer in [s for s in checkpointer.steps() if s > back[0]]:  # the ladder went past them: keep, not reuse
+        checkpointer.set_aside(newer, f"the run rolled back past it to step {back[0]} after {what} at step {step}",
+                               "was superseded")
     data_iter.set_state(it_state)
     return back[0], back[1]
 

@@ -1,0 +1,55 @@
+"""SIGTERM / SIGINT (a spot preemption notice, Ctrl-C): from the first instant of a run to its last.
+
+Owns: what a stop signal does at each moment. Outside the loop (start-up: imports, data checks, compiling,
+restoring; and after the last step) the signal raises `Preempted` at once: nothing is being trained, so
+there is nothing to save and nothing is lost. Inside the loop (`deferred`) it only sets a flag: the loop
+finishes the step in flight, saves it, and then raises `Preempted`. Either way train.py exits with 75.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(BaseException):
+    """A stop signal ended the run; the message says when and whether a checkpoint was written. A
+    BaseException, like KeyboardInterrupt: library code that catches Exception during start-up must not
+    swallow it."""
+
+
+_pending: list[str] = []  # signals _raise saw: one raised inside a weakref callback or __del__ is swallowed
+
+
+def _startup_stop(name: str) -> Preempted:
+    return Preempted(f"{name} outside the training loop (start-up or shut-down): no step was in flight, nothing "
+                     "to save")
+
+
+def _raise(signum, _frame):
+    _pending.append(signal.Signals(signum).name)
+    raise _startup_stop(_pending[-1])
+
+
+def raise_on_signal() -> None:
+    """Stop signals raise `Preempted` from now on (the entry points call this first)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, _raise)
+
+
+@contextlib.contextmanager
+def deferred():
+    """Inside: a stop signal appends its name to the yielded list instead of raising (the loop checks it
+    after each step). On exit the previous handlers come back. A start-up signal whose exception Python
+    swallowed (raised inside an import lock's weakref callback, say) stops the run here, before any step."""
+    if _pending:
+        raise _startup_stop(_pending[0])
+    seen: list[str] = []
+    old = {s: signal.signal(s, lambda signum, _: seen.append(signal.Signals(signum).name)) for s in STOP_SIGNALS}
+    try:
+        yield seen
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
