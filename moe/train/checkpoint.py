@@ -87,7 +87,7 @@ class Checkpointer:
         The state's checksums (moe/train/integrity.py) go into the step's meta, to be verified on restore."""
         import grain
 
-        meta = dict(meta, checksums=integrity.fingerprint(state)[0])
+        meta = dict(meta, checksums=integrity.checksums(state))
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if self.with_data:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
