@@ -9,7 +9,7 @@ Method. Every compared variant is compiled and run once (warm-up), then the vari
 round-robin, alternating direction each round; a ratio is the median over rounds of the per-round ratio
 (paired), so load from other processes on a shared machine hits both sides of a ratio alike.
 `--quick` shrinks every size so the whole suite runs in seconds (for tests/test_bench.py; its numbers mean
-nothing).
+nothing). One module for the five benchmarks (~370 lines): they share the paired timing and the trainer.
 """
 
 from __future__ import annotations
