@@ -27,6 +27,7 @@ import gc
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -55,8 +56,18 @@ WRITE_ERRORS = (OSError, ValueError, RuntimeError)
 def _write_error(e: Exception) -> str:
     """The one line of a (possibly multi-line, deeply chained) write error that says what failed."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    line = lines[0] if lines else type(e).__name__
-    return line if len(line) <= 300 else "..." + line[-300:]  # TensorStore puts the OS reason last
+    return _shorten(lines[0] if lines else type(e).__name__)
+
+
+# TensorStore appends its whole spec (kilobytes of JSON) and source locations to an error: not for a person.
+_TS_NOISE = re.compile(r"\s*\[(tensorstore_spec|source locations)='.*?'\](?=\s*\[|\s*$)")
+
+
+def _shorten(line: str) -> str:
+    """An error line without TensorStore's spec dump, at most 300 characters: the OS reason (e.g. 'File too
+    large [os_error_code='27']') comes last, so a long path is cut from the middle."""
+    line = _TS_NOISE.sub("", line)
+    return line if len(line) <= 300 else line[:100] + " ... " + line[-195:]
 
 
 def _is_remote(path: str) -> bool:
@@ -275,8 +286,7 @@ def _reason(e: BaseException) -> str:
             if line and not line.startswith("<bound method"):
                 lines.append(line)
                 break
-    line = next((ln for ln in reversed(lines) if ":" in ln), lines[0] if lines else type(e).__name__)
-    return line if len(line) <= 300 else line[:297] + "..."
+    return _shorten(next((ln for ln in reversed(lines) if ":" in ln), lines[0] if lines else type(e).__name__))
 
 
 def _everywhere(ok: bool) -> bool:
