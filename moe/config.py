@@ -109,10 +109,23 @@ class ModelConfig:
     eval_capacity_factor: float = f(2.0, "capacity factor of a capacity-dispatch forward pass with train=False "
                                     "(evaluation itself is dropless: moe/eval/lm.py)", FPOS)
     min_capacity: int = f(4, "lower bound on C per expert", ATLEAST1)
+    drop_policy: Literal["causal", "position", "probability"] = f(
+        "causal", "who keeps a full expert's slots (capacity dispatch): causal (token-major, so training stays "
+        "causal) | position (GShard: all top-1 choices first) | probability (highest gates first)")
+    router_score: Literal["softmax", "sigmoid"] = f(
+        "softmax", "router scores: softmax over experts | sigmoid per expert (DeepSeek-V3)")
     renormalize_gates: bool = f(True, "gates renormalised over the chosen K (GShard/GLaM); False = Switch")
+    routed_scaling_factor: float = f(1.0, "gates are multiplied by this (DeepSeek-V3: 2.5 with sigmoid scores)", FPOS)
     router_jitter: float = f(0.0, "multiplicative uniform jitter on router inputs in training (Switch); 0 = off",
                              FRACTION)
-    aux_loss_weight: float = f(0.01, "Switch load-balance loss weight (alpha)", FNONNEG)
+    aux_loss_weight: float = f(0.01, "micro-batch balance loss weight (Switch's alpha): f and P over each "
+                               "micro-batch, all devices", FNONNEG)
+    seq_aux_loss_weight: float = f(0.0, "sequence-wise balance loss weight (DeepSeek-V3: 1e-4 beside the bias)",
+                                   FNONNEG)
+    global_aux_loss_weight: float = f(0.0, "global-batch balance loss weight: f counted over every micro-batch "
+                                      "of the optimizer step (Qiu et al. 2025)", FNONNEG)
+    router_bias_update_rate: float = f(0.0, "aux-loss-free balancing: per-expert selection bias updated by "
+                                       "u * sign(mean load - load) each step (DeepSeek-V3: 1e-3); 0 = off", FNONNEG)
     router_z_loss_weight: float = f(0.001, "ST-MoE router z-loss weight", FNONNEG)
 
 
@@ -482,6 +495,17 @@ def validate(cfg: Config) -> None:
                f"model.moe_every ({m.moe_every}) must divide model.num_layers ({m.num_layers})")
         _check(m.top_k <= m.num_experts,
                f"model.top_k ({m.top_k}) must be <= model.num_experts ({m.num_experts})")
+        _check(m.router_score != "sigmoid" or m.renormalize_gates or m.routed_scaling_factor != 1.0,
+               "model.router_score=sigmoid needs model.renormalize_gates=true or a model.routed_scaling_factor: "
+               "raw sigmoid gates put the output scale at the router's mercy (DeepSeek-V3 renormalises)")
+        _check(m.router_bias_update_rate == 0 or m.top_k < m.num_experts,
+               f"model.router_bias_update_rate has no effect with model.top_k = model.num_experts ({m.num_experts}):"
+               " every expert is always chosen; set it to 0")
+    else:
+        on = [n for n in ("seq_aux_loss_weight", "global_aux_loss_weight", "router_bias_update_rate")
+              if getattr(m, n) > 0]
+        _check(not on, f"model.{on[0] if on else ''} is set but the model is dense (model.num_experts=0 or "
+                       "model.moe_every=0): no router to balance; set it to 0")
     _check(t.batch_size % o.grad_accum == 0,
            f"optim.grad_accum ({o.grad_accum}) must divide train.batch_size ({t.batch_size})")
     _check([getattr(cfg.mesh, k) for k in ("data", "fsdp", "expert", "tensor")].count(-1) <= 1,

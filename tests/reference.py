@@ -9,8 +9,14 @@ Two steps, so that gradients can be taken through the second:
   2. `reference_moe` sums, for each token, gate * expert_FFN(x_t) over its kept choices with plain jnp ops,
      so `jax.grad` differentiates it w.r.t. x and every weight.
 
-Capacity rule (GShard, Lepikhin et al. 2020 §2.2; GLaM): per sequence, each expert has `cap` slots; slots are
-handed out first to all top-1 choices in token order, then to all top-2 choices in token order, and so on.
+Routing rule: scores are softmax(x W_router) or sigmoid(x W_router); each token chooses the K experts with
+the highest score + bias (ties: lower id first); gates are the chosen unbiased scores, divided by their sum
+when `renormalize`, times `scale`.
+
+Capacity rule: per sequence, each expert has `cap` slots, handed out in the order of the drop policy:
+  causal      token by token, each token's choices in rank order: (t0, 1st), (t0, 2nd), (t1, 1st), ...
+  position    (GShard, Lepikhin et al. 2020 §2.2; GLaM) all top-1 choices in token order, then all top-2, ...
+  probability highest gate first, ties in the causal order.
 A choice that finds its expert full is dropped (contributes nothing).
 
 Shape key: B batch, T length, D model, F hidden, E experts, K top-k.
@@ -29,27 +35,62 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
 
 
-def reference_routing(x_BTD, w_router_DE, k: int, cap: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(choices_BTK, kept_BTK): expert ids by decreasing probability (ties: lower id first) and slot kept.
+def _scores(logits, score: str) -> np.ndarray:
+    return _softmax(logits) if score == "softmax" else 1.0 / (1.0 + np.exp(-logits))
+
+
+def reference_routing(x_BTD, w_router_DE, k: int, cap: int | None, *, score: str = "softmax", bias_E=None,
+                      policy: str = "causal", renormalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(choices_BTK, kept_BTK): expert ids by decreasing score + bias (ties: lower id first) and slot kept.
 
     cap=None means no capacity limit (the dropless rule).
     """
     x = np.asarray(x_BTD, np.float64)
-    probs = _softmax(x @ np.asarray(w_router_DE, np.float64))
-    b, t, e = probs.shape
+    s = _scores(x @ np.asarray(w_router_DE, np.float64), score)
+    select = s + (0.0 if bias_E is None else np.asarray(bias_E, np.float64))
+    b, t, e = s.shape
     choices = np.zeros((b, t, k), np.int64)
     kept = np.zeros((b, t, k), bool)
     for bi in range(b):
         for ti in range(t):
-            choices[bi, ti] = np.argsort(-probs[bi, ti], kind="stable")[:k]
+            choices[bi, ti] = np.argsort(-select[bi, ti], kind="stable")[:k]
+        if policy == "position":
+            order = [(ti, j) for j in range(k) for ti in range(t)]
+        else:
+            order = [(ti, j) for ti in range(t) for j in range(k)]
+        if policy == "probability":
+            gates = s[bi, np.arange(t)[:, None], choices[bi]]
+            if renormalize:
+                gates = gates / gates.sum(-1, keepdims=True)
+            order.sort(key=lambda tj: -gates[tj])  # stable: ties stay in the causal order
         used = [0] * e  # slots taken per expert in this sequence
-        for j in range(k):  # top-1 choices of every token first, then top-2 choices, ...
-            for ti in range(t):
-                ex = choices[bi, ti, j]
-                if cap is None or used[ex] < cap:
-                    kept[bi, ti, j] = True
-                    used[ex] += 1
+        for ti, j in order:
+            ex = choices[bi, ti, j]
+            if cap is None or used[ex] < cap:
+                kept[bi, ti, j] = True
+                used[ex] += 1
     return choices, kept
+
+
+def reference_balance_losses(x_BTD, w_router_DE, choices_BTK: np.ndarray, score: str = "softmax") -> dict:
+    """The micro-batch and sequence balance losses `E * sum_i f_i P_i`, differentiable in x and W_router.
+
+    f_i is counted by a loop over every (token, choice), kept or dropped; P_i is the mean of the scores
+    normalised to sum 1 per token (softmax: the probabilities; sigmoid: the sigmoids over their sum).
+    """
+    b, t, k = choices_BTK.shape
+    e = w_router_DE.shape[1]
+    counts_BE = np.zeros((b, e))
+    for bi in range(b):
+        for ti in range(t):
+            for j in range(k):
+                counts_BE[bi, choices_BTK[bi, ti, j]] += 1
+    logits = x_BTD @ w_router_DE
+    s = jnp.exp(logits - jnp.max(logits, -1, keepdims=True)) if score == "softmax" else 1 / (1 + jnp.exp(-logits))
+    p_BTE = s / jnp.sum(s, -1, keepdims=True)
+    micro = e * jnp.sum(counts_BE.sum(0) / (b * t * k) * jnp.mean(p_BTE, axis=(0, 1)))
+    seq = jnp.mean(e * jnp.sum(counts_BE / (t * k) * jnp.mean(p_BTE, axis=1), axis=-1))
+    return {"aux_loss": micro, "seq_aux_loss": seq}
 
 
 def gelu_tanh(x):
@@ -65,12 +106,12 @@ def expert_ffn(x_D, w_gate_DF, w_up_DF, w_down_FD, act: str):
 
 
 def reference_moe(x_BTD, params: dict, choices_BTK: np.ndarray, kept_BTK: np.ndarray, *, renormalize: bool,
-                  act: str = "geglu"):
+                  act: str = "geglu", score: str = "softmax", scale: float = 1.0):
     """y[b, t] = sum over kept choices j of gate[b, t, j] * expert_{choice}(x[b, t]).
 
     params: w_router_DE, w_gate_EDF, w_up_EDF, w_down_EFD (the names of moe.model.experts.layer.MoEFFN).
-    Gates are the softmax probabilities of the chosen experts, divided by their sum over the K choices when
-    `renormalize` (GShard/GLaM); dropped choices keep their place in that sum (a drop does not re-weight).
+    Gates are the scores of the chosen experts, divided by their sum over the K choices when `renormalize`
+    (GShard/GLaM), times `scale`; dropped choices keep their place in that sum (a drop does not re-weight).
 
     For speed under `jit` (an unrolled B*T*K loop of tiny ops compiles for minutes) the loop over tokens and
     choices fills a numpy table `pick_BTKE` (1 where token t's j-th choice is expert e and kept), and each
@@ -86,11 +127,15 @@ def reference_moe(x_BTD, params: dict, choices_BTK: np.ndarray, kept_BTK: np.nda
                 if kept_BTK[bi, ti, j]:
                     pick_BTKE[bi, ti, j, choices_BTK[bi, ti, j]] = 1.0
     logits_BTE = x_BTD @ params["w_router_DE"]
-    probs_BTE = jnp.exp(logits_BTE - jnp.max(logits_BTE, axis=-1, keepdims=True))
-    probs_BTE = probs_BTE / jnp.sum(probs_BTE, axis=-1, keepdims=True)
-    gates_BTK = jnp.take_along_axis(probs_BTE, jnp.asarray(choices_BTK), axis=-1)
+    if score == "softmax":
+        s_BTE = jnp.exp(logits_BTE - jnp.max(logits_BTE, axis=-1, keepdims=True))
+        s_BTE = s_BTE / jnp.sum(s_BTE, axis=-1, keepdims=True)
+    else:
+        s_BTE = 1.0 / (1.0 + jnp.exp(-logits_BTE))
+    gates_BTK = jnp.take_along_axis(s_BTE, jnp.asarray(choices_BTK), axis=-1)
     if renormalize:
         gates_BTK = gates_BTK / jnp.sum(gates_BTK, axis=-1, keepdims=True)
+    gates_BTK = gates_BTK * scale
     weight_BTE = jnp.sum(gates_BTK[..., None] * pick_BTKE, axis=2)  # 0 for experts not chosen or dropped
     y_BTD = jnp.zeros_like(x_BTD)
     for ei in range(e):

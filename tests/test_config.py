@@ -55,7 +55,7 @@ def test_help_lists_every_key_with_its_comment(capsys):
         assert key in config.all_keys()
 
 
-# (overrides, the key the message must name, a fragment of the message). 24 distinct invalid configurations:
+# (overrides, the key the message must name, a fragment of the message). 35 distinct invalid configurations:
 # unknown keys, types, ranges, choices, divisibility, and cross-field rules.
 BAD = [
     (["model.num_expert=4"], "model.num_experts", "did you mean"),
@@ -87,6 +87,12 @@ BAD = [
     (["data.validation_fraction=1"], "data.validation_fraction", "(0, 1)"),
     (["model=3"], "'model'", "unknown config key"),
     (["train.batch_size"], "train.batch_size", "key.sub=value"),
+    (["model.router_score=sigmoid", "model.renormalize_gates=false"], "model.routed_scaling_factor", "sigmoid"),
+    (["model.router_bias_update_rate=-1e-3"], "model.router_bias_update_rate", ">= 0"),
+    (["model.router_bias_update_rate=1e-3", "model.top_k=8"], "model.router_bias_update_rate", "no effect"),
+    (["model.num_experts=0", "model.seq_aux_loss_weight=1e-4"], "model.seq_aux_loss_weight", "dense"),
+    (["model.drop_policy=token"], "model.drop_policy", "not one of"),
+    (["model.router_score=relu"], "model.router_score", "not one of"),
 ]
 
 

@@ -85,6 +85,23 @@ def test_causal_changing_token_t_leaves_earlier_logits(dispatch):
     assert float(jnp.abs(la[:, t:] - lb[:, t:]).max()) > 1e-2  # the change is seen from t on
 
 
+@pytest.mark.parametrize("policy,causal", [("causal", True), ("position", False), ("probability", False)])
+def test_causality_with_drops_holds_only_under_the_causal_policy(policy, causal):
+    # capacity 0.5: C = ceil(0.5 * 2 * 16 / 4) = 4 slots per expert for 32 choices, so tokens do drop.
+    cfg = mcfg(capacity_factor=0.5, eval_capacity_factor=0.5, drop_policy=policy)
+    model = build(cfg)
+    a = tokens(1)
+    _, aux = forward(model, a)
+    assert float(jnp.min(aux["drop_fraction"])) > 0.2
+    # every single-token change at once: row (t - 1) * BATCH + b is sequence b with token t changed
+    changed = jnp.concatenate([a.at[:, t].set((a[:, t] + 7) % V) for t in range(1, T)])
+    la, _ = forward(model, a)
+    lb, _ = forward(model, changed)
+    leaks = [t for t in range(1, T)
+             if not np.allclose(lb[(t - 1) * BATCH:t * BATCH, :t], la[:, :t], rtol=TOL, atol=TOL)]
+    assert (leaks == []) == causal, leaks
+
+
 def test_document_masking_isolates_packed_documents():
     model = build(mcfg(dispatch="capacity"))
     seg = jnp.array([[1] * 10 + [2] * 6] * BATCH, jnp.int32)

@@ -24,7 +24,7 @@ from moe.config import ModelConfig
 from moe.model.layers import FFN
 from moe.model.decoder import Layer
 from moe.model.experts.layer import MoEFFN
-from tests.reference import expert_ffn, reference_moe, reference_routing
+from tests.reference import expert_ffn, reference_balance_losses, reference_moe, reference_routing
 
 TOL = 1e-5
 B, T, DM, F, E, K = 2, 16, 8, 16, 4, 2
@@ -119,27 +119,54 @@ def test_capacity_nodrop_dropless_and_reference_agree_forward_and_grads(renormal
     assert float(jnp.abs(g_ref[0]["w_router_DE"]).max()) > 1e-3  # the router does receive gradient
 
 
-def test_capacity_with_drops_matches_reference_loop():
+@pytest.mark.parametrize("policy", ["causal", "position", "probability", "dropless"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_routing_options_match_reference_loop_forward_and_grads(policy, score, bias):
+    """Every score function x drop policy (capacity with drops, or dropless) x router bias, with the
+    micro-batch and sequence balance losses, against the loop reference: output, losses and all gradients."""
     # capacity_factor 0.5: C = ceil(0.5 * 2 * 16 / 4) = 4 slots per expert for 32 choices: many drop.
-    cfg = moe_cfg(dispatch="capacity", capacity_factor=0.5)
-    cap = dispatch_fns.capacity(T, E, K, 0.5, 1)
-    assert cap == 4
+    cfg = moe_cfg(dispatch="dropless" if policy == "dropless" else "capacity", capacity_factor=0.5,
+                  drop_policy="causal" if policy == "dropless" else policy, router_score=score,
+                  routed_scaling_factor=1.0 if score == "softmax" else 2.5,
+                  router_bias_update_rate=1e-3 if bias else 0.0, seq_aux_loss_weight=1e-4)
+    cap = None if policy == "dropless" else dispatch_fns.capacity(T, E, K, 0.5, 1)
+    assert cap in (None, 4)
     layer = make_layer(cfg, seed=3)
+    bias_E = None
+    if bias:
+        bias_E = 0.3 * jax.random.normal(jax.random.key(12), (E,))
+        layer.router_bias_E[...] = bias_E
     params, x, ct = weights_of(layer), inputs(4), inputs(5)
-    choices, kept = reference_routing(x, params["w_router_DE"], K, cap=cap)
-    assert 0 < (~kept).sum() < kept.size
+    choices, kept = reference_routing(x, params["w_router_DE"], K, cap=cap, score=score, bias_E=bias_E,
+                                      policy=policy)
+    assert (0 < (~kept).sum() < kept.size) if cap else kept.all()
+    scale = cfg.routed_scaling_factor
 
     def ref(p, xx):
-        return reference_moe(xx, p, choices, kept, renormalize=True)
+        y = reference_moe(xx, p, choices, kept, renormalize=True, score=score, scale=scale)
+        losses = reference_balance_losses(xx, p["w_router_DE"], choices, score)
+        return y, losses
 
-    def fast(p, xx):
-        return apply_with(layer, p, xx)[0]
+    def loss_of(fn):
+        def loss(p, xx):
+            y, aux = fn(p, xx)
+            return jnp.sum(y * ct) + aux["aux_loss"] + aux["seq_aux_loss"]
+        return loss
 
-    y, aux = jax.jit(lambda p, xx: apply_with(layer, p, xx))(params, x)
-    np.testing.assert_allclose(y, jax.jit(ref)(params, x), rtol=TOL, atol=TOL)
+    fast = lambda p, xx: apply_with(layer, p, xx)  # noqa: E731
+    (y, aux), (y_ref, ref_losses) = jax.jit(fast)(params, x), jax.jit(ref)(params, x)
+    np.testing.assert_allclose(y, y_ref, rtol=TOL, atol=TOL)
+    for name in ("aux_loss", "seq_aux_loss"):
+        np.testing.assert_allclose(aux[name], ref_losses[name], rtol=TOL, atol=TOL)
     np.testing.assert_allclose(aux["drop_fraction"], (~kept).mean(), rtol=TOL)
-    assert_tree_close(jax.jit(lambda p, xx: grads(fast, p, xx, ct))(params, x),
-                      jax.jit(lambda p, xx: grads(ref, p, xx, ct))(params, x))
+    if bias:
+        plain, _ = reference_routing(x, params["w_router_DE"], K, cap=None, score=score)
+        changed = (np.sort(plain, -1) != np.sort(choices, -1)).any(-1)
+        assert changed.any()
+        np.testing.assert_allclose(aux["bias_changed_fraction"], changed.mean(), rtol=TOL)
+    assert_tree_close(jax.jit(jax.grad(loss_of(fast), argnums=(0, 1)))(params, x),
+                      jax.jit(jax.grad(loss_of(ref), argnums=(0, 1)))(params, x))
 
 
 # --- capacity semantics: a worked example ------------------------------------------------------------
@@ -155,8 +182,12 @@ def test_capacity_with_drops_matches_reference_loop():
 # Kept: 7 top-1 + 1 top-2 = 8 of 16 choices -> drop fraction 0.5. Token 5 lost both choices: MoE output 0.
 # Priority: t6's top-1 (e1) keeps its slot although t0 and t1, earlier tokens, also wanted e1 as top-2;
 # a token-major order would have given e1 to t0, t1 and dropped t2 and t6 instead.
+# The causal (token-major) policy hands out (t0: e0, e1), (t1: e0, e1), (t2: e1, e0), ...: t0 and t1 fill e0
+# and e1, t3 and t4 fill e2 and e3, and t2, t5, t6, t7 lose both choices (also 8 of 16 kept). The probability
+# policy equals the position policy here: every top-1 gate is e^2 / (e^2 + e), every top-2 gate e / (e^2 + e).
 ROUTES = [(0, 1), (0, 1), (1, 0), (2, 3), (2, 3), (2, 3), (1, 2), (3, 0)]
 KEPT = np.array([[1, 0], [1, 0], [1, 0], [1, 1], [1, 0], [0, 0], [1, 0], [1, 0]], bool)
+KEPT_CAUSAL = np.array([[1, 1], [1, 1], [0, 0], [1, 1], [1, 1], [0, 0], [0, 0], [0, 0]], bool)
 
 
 def worked_example():
@@ -164,7 +195,7 @@ def worked_example():
     x[0, :, :4] = 0.0
     for t, (a, b) in enumerate(ROUTES):
         x[0, t, a], x[0, t, b] = 2.0, 1.0
-    cfg = moe_cfg(dispatch="capacity", capacity_factor=0.5)
+    cfg = moe_cfg(dispatch="capacity", capacity_factor=0.5, drop_policy="position")
     layer = make_layer(cfg, seed=8)
     layer.w_router_DE[...] = jnp.concatenate([jnp.eye(4), jnp.zeros((DM - 4, 4))], axis=0)
     return layer, jnp.asarray(x)
@@ -175,8 +206,12 @@ def test_worked_example_slots_drops_and_outputs():
     assert dispatch_fns.capacity(8, E, K, 0.5, 1) == 2
     r = router.route(x[0, :, :4], K, renormalize=True)
     np.testing.assert_array_equal(r.experts_TK, np.array(ROUTES))
-    slot_TK, kept_TK = dispatch_fns.assign_slots(r.experts_TK, E, 2)
+    slot_TK, kept_TK = dispatch_fns.assign_slots(r.experts_TK, E, 2, "position")
     np.testing.assert_array_equal(kept_TK, KEPT)
+    np.testing.assert_array_equal(dispatch_fns.assign_slots(r.experts_TK, E, 2, "probability", r.gates_TK)[1], KEPT)
+    slot_c, kept_c = dispatch_fns.assign_slots(r.experts_TK, E, 2, "causal")
+    np.testing.assert_array_equal(kept_c, KEPT_CAUSAL)
+    np.testing.assert_array_equal(slot_c, [[0, 2], [1, 3], [8, 8], [4, 6], [5, 7], [8, 8], [8, 8], [8, 8]])
     # slot = expert * C + position; dropped -> E * C = 8
     np.testing.assert_array_equal(slot_TK, [[0, 8], [1, 8], [2, 8], [4, 7], [5, 8], [8, 8], [3, 8], [6, 8]])
 
@@ -192,8 +227,9 @@ def test_worked_example_slots_drops_and_outputs():
                      for j, e in enumerate(ROUTES[t]) if KEPT[t, j])
         np.testing.assert_allclose(y[0, t], expect, rtol=TOL, atol=TOL)
     # The loop reference applies the same rule.
-    choices, kept = reference_routing(x, params["w_router_DE"], K, cap=2)
-    np.testing.assert_array_equal(kept[0], KEPT)
+    for policy, expect in (("position", KEPT), ("probability", KEPT), ("causal", KEPT_CAUSAL)):
+        _, kept = reference_routing(x, params["w_router_DE"], K, cap=2, policy=policy)
+        np.testing.assert_array_equal(kept[0], expect)
 
 
 def test_token_with_every_choice_dropped_outputs_its_residual():

@@ -23,6 +23,7 @@ from moe import config
 from moe.config import ModelConfig
 from moe.model.layers import FFN, Attention, Embed, RMSNorm, gathered, param
 from moe.model.matmul import mm
+from moe.model.experts import router
 from moe.model.experts.layer import MoEFFN
 from moe.runtime.sharding import constrain
 
@@ -187,12 +188,15 @@ def token_logsumexp(x_BTD: jax.Array, targets_BT: jax.Array, w: jax.Array, trans
     return lse_nBc.swapaxes(0, 1).reshape(b, t), tl_nBc.swapaxes(0, 1).reshape(b, t)
 
 
-def loss_fn(model: Decoder, batch: dict, *, train: bool, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+def loss_fn(model: Decoder, batch: dict, *, train: bool, rng: jax.Array | None = None,
+            prior_counts: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Weighted next-token cross-entropy + weighted router losses (+ optional output-logit z-loss).
 
     The router losses are averaged over MoE layers, so their weights mean the same at any depth. The
     cross-entropy is computed in sequence chunks when the logits are large (`loss_chunk_len`): same value.
-    Returns (total loss, metrics) with `loss` = the cross-entropy alone (what eval reports).
+    `prior_counts` [L, E]: expert counts of the optimizer step's earlier micro-batches (global-batch loss).
+    Returns (total loss, metrics) with `loss` = the cross-entropy alone (what eval reports) and, for an MoE,
+    `expert_counts` [L, E] (assignments per expert: the bias update and the load imbalance use them).
     """
     cfg = model.cfg
     x_BTD, aux = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), train=train, rng=rng)
@@ -213,7 +217,18 @@ def loss_fn(model: Decoder, batch: dict, *, train: bool, rng: jax.Array | None =
         metrics["drop_fraction"] = jnp.mean(aux["drop_fraction"])
         metrics["router_entropy"] = jnp.mean(aux["router_entropy"])
         metrics["expert_load"] = aux["expert_load"]  # [L_moe, E]
+        metrics["expert_counts"] = jax.lax.stop_gradient(aux["expert_counts"])
         total = total + cfg.aux_loss_weight * metrics["aux_loss"] + cfg.router_z_loss_weight * metrics["z_loss"]
+        if "bias_changed_fraction" in aux:
+            metrics["bias_changed_fraction"] = jnp.mean(aux["bias_changed_fraction"])
+        if cfg.seq_aux_loss_weight > 0:
+            metrics["seq_aux_loss"] = jnp.mean(aux["seq_aux_loss"])
+            total = total + cfg.seq_aux_loss_weight * metrics["seq_aux_loss"]
+        if cfg.global_aux_loss_weight > 0:
+            counts = metrics["expert_counts"]
+            prior = jnp.zeros_like(counts) if prior_counts is None else prior_counts
+            metrics["global_aux_loss"] = jnp.mean(router.global_balance_loss(counts, prior, aux["mean_probs"]))
+            total = total + cfg.global_aux_loss_weight * metrics["global_aux_loss"]
     metrics["total_loss"] = total
     return total, metrics
 

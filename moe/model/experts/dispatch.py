@@ -6,13 +6,21 @@ so the cost is O(T*K*D) whatever E is (the one-hot GShard einsum costs O(T*E*C*D
 
 Shape key: T tokens in the group, D model, E experts, K choices per token, C capacity per expert, S = T*K.
 
-Capacity arithmetic, worked example (T=6, E=3, K=2, capacity_factor=1.0):
-    C = ceil(1.0 * K * T / E) = ceil(12 / 3) = 4 slots per expert.
-    Slots are handed out choice-major: all top-1 choices in token order first, then all top-2 choices
-    (GShard: a token's first choice never loses its slot to another token's second choice).
-    If every token picks expert 0 first, tokens 0..3 take its 4 slots and tokens 4, 5 lose their top-1
-    choice (dropped: combine weight 0, only the residual passes through that layer for that choice);
-    drop fraction = dropped assignments / (T*K) = 2/12.
+Capacity arithmetic (T=6, E=3, K=2, capacity_factor=1.0): C = ceil(1.0 * K * T / E) = 4 slots per expert.
+A choice that finds its expert full is dropped: combine weight 0, so only the residual passes through that
+layer for that choice; drop fraction = dropped assignments / (T*K).
+
+Drop policies (`model.drop_policy`) decide who gets a contested expert's slots.
+    causal      token-major: (t=0, k=0), (t=0, k=1), (t=1, k=0), ... Whether (t, k) keeps its slot depends
+                only on tokens <= t, so a decoder trained with drops stays causal.
+    position    choice-major (GShard): every top-1 choice in token order, then every top-2 choice. A token's
+                first choice never loses to another token's second choice, but a later token's top-1 can
+                take an earlier token's top-2 slot: position t's output then depends on tokens after t.
+    probability highest gate first (Megatron-Core's "probs" policy), ties in token-major order. Not causal.
+Worked example: tokens 0-2 choose experts (0, 1), tokens 3-5 choose (1, 0).
+    causal:   tokens 0-3 keep both choices and fill both experts; tokens 4 and 5 lose both.
+    position: all six keep their top-1 (3 per expert); the 4th slots go to the top-2 of tokens 0 and 3.
+    Both drop 4 of 12 assignments.
 """
 
 from __future__ import annotations
@@ -28,18 +36,34 @@ def capacity(tokens: int, num_experts: int, k: int, factor: float, minimum: int)
     return int(min(tokens, max(minimum, math.ceil(factor * k * tokens / num_experts))))
 
 
-def assign_slots(experts_TK: jax.Array, num_experts: int, cap: int) -> tuple[jax.Array, jax.Array]:
-    """Slot of each (token, choice) in its expert's buffer, priority top-1 first then token order.
+def _priority(experts_TK: jax.Array, gates_TK: jax.Array | None, policy: str) -> jax.Array:
+    """Flat (token, choice) indices t*K + k in the order they are handed slots."""
+    t, k = experts_TK.shape
+    if policy == "causal":
+        return jnp.arange(t * k, dtype=jnp.int32)
+    if policy == "position":
+        return jnp.arange(t * k, dtype=jnp.int32).reshape(t, k).T.reshape(-1)
+    return jnp.argsort(-gates_TK.reshape(-1), stable=True).astype(jnp.int32)
+
+
+def assign_slots(experts_TK: jax.Array, num_experts: int, cap: int, policy: str = "causal",
+                 gates_TK: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Slot of each (token, choice) in its expert's buffer, handed out in the order of `policy` (above).
 
     Returns slot_TK (flat index e*C + position into the [E*C] buffer; E*C for dropped) and kept_TK (bool).
+    `gates_TK` is needed by the probability policy only.
     """
     t, k = experts_TK.shape
-    experts_S = experts_TK.T.reshape(-1)  # choice-major order: (k=0, t=0..T-1), (k=1, ...)
+    order_S = _priority(experts_TK, gates_TK, policy)
+    experts_S = experts_TK.reshape(-1)[order_S]
     onehot_SE = jax.nn.one_hot(experts_S, num_experts, dtype=jnp.int32)
     position_S = jnp.sum((jnp.cumsum(onehot_SE, axis=0) - 1) * onehot_SE, axis=-1)
     kept_S = position_S < cap
     slot_S = jnp.where(kept_S, experts_S * cap + position_S, num_experts * cap)
-    return slot_S.reshape(k, t).T, kept_S.reshape(k, t).T
+    # back from priority order to (token, choice) order
+    slot = jnp.zeros((t * k,), jnp.int32).at[order_S].set(slot_S.astype(jnp.int32))
+    kept = jnp.zeros((t * k,), bool).at[order_S].set(kept_S)
+    return slot.reshape(t, k), kept.reshape(t, k)
 
 
 def _inverse(slot_TK: jax.Array, num_slots: int) -> jax.Array:

@@ -1,7 +1,8 @@
 """The mixture-of-experts FFN: route -> dispatch -> experts -> combine (GShard / GLaM / Switch).
 
-Owns: the expert weights, the router projection, and how the pure functions of moe/model/experts/router.py and
-moe/model/experts/dispatch.py compose. Returns (output, aux) where aux holds the losses and metrics of this layer.
+Owns: the expert weights, the router projection, the router bias (aux-loss-free balancing: model state, not
+a parameter), and how the pure functions of moe/model/experts/router.py and moe/model/experts/dispatch.py
+compose. Returns (output, aux) where aux holds the losses and metrics of this layer.
 
 Shape key: B batch, T length, D model, F expert hidden, E experts, K top-k, C capacity per expert and group.
 
@@ -38,6 +39,15 @@ def expert_ffn(x_GECD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD, act: str, dt
     return mm("EGCF,EFD->EGCD", h, w_down_EFD, dtype).transpose(1, 0, 2, 3)
 
 
+class RouterBias(nnx.Variable):
+    """Per-expert bias added to the router scores for selection only (Wang et al. 2024; DeepSeek-V3).
+
+    Not an `nnx.Param`: it gets no gradient and no weight decay. It lives in the state's params dict (so every
+    forward pass, eval and checkpoint carries it); moe/train/steps.py keeps it out of the optimizer and
+    updates it after each optimizer step from the step's expert counts (`router.update_bias`).
+    """
+
+
 class MoEFFN(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
@@ -46,6 +56,8 @@ class MoEFFN(nnx.Module):
         self.w_gate_EDF = param(rngs, (e, d, f), ("exp", "embed", "mlp"), fan_in=d)
         self.w_up_EDF = param(rngs, (e, d, f), ("exp", "embed", "mlp"), fan_in=d)
         self.w_down_EFD = param(rngs, (e, f, d), ("exp", "mlp", "embed"), fan_in=f)
+        self.router_bias_E = (RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,), eager_sharding=False)
+                              if cfg.router_bias_update_rate > 0 else None)
         self.shared = (FFN(d, f * cfg.num_shared_experts, cfg.ffn_act, dtype, rngs)
                        if cfg.num_shared_experts else None)
         self.cfg = cfg
@@ -59,14 +71,17 @@ class MoEFFN(nnx.Module):
         if train and cfg.router_jitter > 0 and rng is not None:
             x_router = router.jitter(x_router, rng, cfg.router_jitter)
         logits_BTE = jnp.einsum("BTD,DE->BTE", x_router, self.w_router_DE[...])
-        routed = jax.vmap(lambda lg: router.route(lg, k, cfg.renormalize_gates))(logits_BTE)  # fields [B, T, ...]
-        experts_BTK, gates_BTK = routed.experts_TK, routed.gates_TK
-        flat = router.Routing(*(a.reshape(b * t, -1) for a in routed))  # every token of the batch: [B*T, ...]
+        bias_E = None if self.router_bias_E is None else self.router_bias_E[...]
+        routed = jax.vmap(lambda lg: router.route(lg, k, cfg.renormalize_gates, score=cfg.router_score,
+                                                  scale=cfg.routed_scaling_factor, bias_E=bias_E))(logits_BTE)
+        experts_BTK, gates_BTK = routed.experts_TK, routed.gates_TK  # fields [B, T, ...]
+        flat = router.Routing(*(a.reshape(b * t, *a.shape[2:]) for a in routed))  # every token of the batch
 
         if cfg.dispatch == "capacity":
             factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
             cap = dispatch.capacity(t, e, k, factor, cfg.min_capacity)
-            slot_BTK, kept_BTK = jax.vmap(lambda ex: dispatch.assign_slots(ex, e, cap))(experts_BTK)
+            slot_BTK, kept_BTK = jax.vmap(lambda ex, g: dispatch.assign_slots(ex, e, cap, cfg.drop_policy, g))(
+                experts_BTK, gates_BTK)
             weights = (self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
             ffn = lambda x, wg, wu, wd: expert_ffn(x, wg, wu, wd, cfg.ffn_act, self.dtype)  # noqa: E731
             if expert_parallel.uses_mesh():  # sharded: explicit all-to-all to the experts' devices and back
@@ -92,11 +107,19 @@ class MoEFFN(nnx.Module):
 
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(x_BTD)
+        counts_E = router.expert_counts(flat.experts_TK, e)
+        mean_probs_E = jnp.mean(flat.probs_TE, axis=0)
         aux = {
-            "aux_loss": router.load_balance_loss(flat),
+            "aux_loss": router.balance_loss(counts_E / (b * t * k), mean_probs_E),  # the micro-batch loss
+            "mean_probs": mean_probs_E,  # P_i, for the global-batch loss (moe/model/decoder.py loss_fn)
+            "expert_counts": counts_E,
             "router_z_loss": router.router_z_loss(flat),
-            "expert_load": router.expert_fraction(flat.experts_TK, e),
+            "expert_load": counts_E / (b * t * k),
             "drop_fraction": drop_fraction,
             "router_entropy": router.router_entropy(flat),
         }
+        if cfg.seq_aux_loss_weight > 0:
+            aux["seq_aux_loss"] = router.sequence_balance_loss(experts_BTK, routed.probs_TE)
+        if bias_E is not None:
+            aux["bias_changed_fraction"] = jnp.mean(flat.changed_T.astype(jnp.float32))
         return y_BTD.astype(x_BTD.dtype), aux
