@@ -36,7 +36,8 @@ CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # set by conftest.py
 STEPS = 12
 OVERRIDES = ["model.num_layers=2", "model.d_model=64", "model.d_ff=128", "train.batch_size=8",
              "train.seq_len=64", f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0",
-             "train.eval_batches=1", "checkpoint.every=4", "train.progress=false", "optim.warmup_steps=5"]
+             "train.eval_batches=1", "checkpoint.every=4", "train.progress=false", "optim.warmup_steps=5",
+             "model.router_bias_update_rate=1e-3"]  # the router bias is train state: resumes must restore it too
 ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_DEFAULT_MATMUL_PRECISION="highest")
 
@@ -154,6 +155,8 @@ def test_kill9_at_random_steps_then_resume_is_bit_identical(reference, interrupt
     summary = json.loads((wd / "summary.json").read_text())
     assert summary["params_sha"] == ref_summary["params_sha"]
     assert losses(wd) == ref_losses  # every step's loss, bit for bit (each resume rewrote the steps after it)
+    bias_norms = lambda w: {r["step"]: r["router_bias_norm"] for r in read_metrics(w)}  # noqa: E731
+    assert bias_norms(wd) == bias_norms(ref_wd) and bias_norms(wd)[STEPS] > 0
     print(f"\nfaults injected: {len(events) - 1} (5 kill -9, 1 SIGTERM); runs resumed: "
           f"{sum(e['resumed_from'] > 0 for e in events)}; steps lost: {sum(e['lost'] for e in events[:-1])} "
           f"(kind, died after step, next run resumed from): "

@@ -137,3 +137,13 @@ def test_init_from_loads_params_only(run_a, tmp_path, caplog):
     assert c[1] < a[1] - 0.5 and abs(c[1] - a[STEPS]) < 0.3, (a[1], a[STEPS], c[1])
     first = read_metrics(tmp_path)[0]
     assert first["lr"] == read_metrics(wd_a)[0]["lr"]  # the optimizer and its schedule start fresh
+
+
+def test_init_from_a_run_without_router_biases_starts_them_at_zero(run_a, tmp_path, caplog):
+    wd_a, _ = run_a
+    with caplog.at_level(logging.INFO, logger="moe.train"):
+        run(tmp_path, f"train.init_from={wd_a}", "model.router_bias_update_rate=1e-3", stop_at=1)
+    assert "has no router biases" in caplog.text and "they start at 0" in caplog.text
+    a, c = losses(wd_a), losses(tmp_path)
+    assert abs(c[1] - a[STEPS]) < 0.3, (a[STEPS], c[1])  # the trained parameters did load
+    assert read_metrics(tmp_path)[0]["router_bias_norm"] > 0  # and the bias moved after the first step

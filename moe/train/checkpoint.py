@@ -345,6 +345,11 @@ def restore_params(path: str, abstract_params: Any, step: int | None = None) -> 
     finally:
         mgr.close()
     params, saved = out["state"]["params"], (out["meta"] or {}).get("checksums")
+    missing = [jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]
+               if isinstance(a, jax.ShapeDtypeStruct)]  # a partial restore leaves absent leaves abstract
+    if missing:
+        raise CheckpointError(f"step {step} in '{ckdir}' has no {_shorten(missing[0])}"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: it is another model")
     prefix = "['params']"
     expected = None if saved is None else {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
     why = integrity.verify(params, expected)

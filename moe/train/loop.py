@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,7 +32,7 @@ from moe.runtime.peak import peak_flops_per_second
 from moe.runtime.sharding import make_mesh
 from moe.train import faults
 from moe.train import steps as train_steps
-from moe.train.checkpoint import Checkpointer, find_checkpoint_dir, restore_params
+from moe.train.checkpoint import CheckpointError, Checkpointer, find_checkpoint_dir, restore_params
 from moe.train.guards import Guard
 from moe.train.metrics import MetricsWriter
 from moe.train.signals import Preempted, deferred
@@ -170,10 +171,26 @@ def _resume(cfg: config.Config, checkpointer: Checkpointer, setup, data_iter, me
         return step, state
     state = train_steps.init_state(setup)
     if cfg.train.init_from:
-        src_step, params = restore_params(cfg.train.init_from, setup.abstract_state["params"])
+        src_step, params = _restore_init_params(cfg.train.init_from, setup, state["params"])
         state = dict(state, params=params, opt_state=train_steps.fresh_opt_state(setup, params))
         log.info("initialised params from %s (step %d)", cfg.train.init_from, src_step)
     return 0, state
+
+
+def _restore_init_params(path: str, setup: train_steps.Setup, fresh_params) -> tuple[int, Any]:
+    """`train.init_from`: the source's params, with its router biases if it has them. A source trained
+    without aux-loss-free balancing has none: this run's biases then start at 0, and the log says so."""
+    abstract = setup.abstract_state["params"]
+    trainable, biases = train_steps.split_bias(abstract)
+    if not biases:
+        return restore_params(path, abstract)
+    try:
+        return restore_params(path, abstract)
+    except CheckpointError:
+        step, params = restore_params(path, trainable)  # re-raises if the parameters themselves are unreadable
+        log.info("train.init_from %s has no router biases (it trained without model.router_bias_update_rate): "
+                 "they start at 0", path)
+        return step, train_steps.join_bias(params, train_steps.split_bias(fresh_params)[1])
 
 
 def prepare_workdir(workdir: str) -> None:

@@ -2,7 +2,11 @@
 
 Owns: what the state is (params, optimizer state, step, rng — a plain pytree of arrays, so Orbax saves it
 as is), how it is initialised already sharded (`eval_shape` -> shardings -> `jit(init, out_shardings)`), and
-`train_step(state, batch) -> (state, metrics)`, which donates its state. The loop lives in train.py.
+`train_step(state, batch) -> (state, metrics)`, which donates its state. The loop lives in moe/train/loop.py.
+
+`state["params"]` is every variable of the model: the trainable parameters and, with aux-loss-free
+balancing, the router biases (`RouterBias`, selection-only). `split_bias` separates them: the optimizer
+sees only the parameters, and the biases are updated after the optimizer step from the step's expert counts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moe.runtime import sharding
 from moe.config import Config, check_placement, is_moe
 from moe.model.decoder import Decoder, loss_fn
+from moe.model.experts import router
 from moe.train.optim import Optimizer, make_optimizer, make_schedule, skip_stats
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -97,12 +102,39 @@ def build(cfg: Config, mesh: Mesh) -> Setup:
     return Setup(cfg, mesh, graphdef, tx, schedule, abstract, shardings)
 
 
+BIAS_KEY = "router_bias_E"  # the attribute name of moe.model.experts.layer.RouterBias in MoEFFN
+
+
+def split_bias(params: dict) -> tuple[dict, dict]:
+    """(trainable, biases): the params dict without its router biases, and a dict of only those (maybe {})."""
+    trainable, biases = {}, {}
+    for k, v in params.items():
+        if k == BIAS_KEY:
+            biases[k] = v
+        elif isinstance(v, dict):
+            trainable[k], b = split_bias(v)
+            if b:
+                biases[k] = b
+        else:
+            trainable[k] = v
+    return trainable, biases
+
+
+def join_bias(trainable: dict, biases: dict) -> dict:
+    """The inverse of `split_bias`."""
+    out = dict(trainable)
+    for k, v in biases.items():
+        out[k] = join_bias(out[k], v) if k in out else v
+    return out
+
+
 def _init(cfg: Config, graphdef, tx, seed) -> dict:
     key = jax.random.PRNGKey(seed)
     params_key, rng = jax.random.split(key)
     model = Decoder(cfg.model, nnx.Rngs(params=params_key))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng}
+    params = nnx.to_pure_dict(nnx.state(model))
+    return {"params": params, "opt_state": tx.init(split_bias(params)[0]), "step": jnp.zeros((), jnp.int32),
+            "rng": rng}
 
 
 def init_state(setup: Setup, seed: int | None = None) -> dict:
@@ -115,18 +147,22 @@ def init_state(setup: Setup, seed: int | None = None) -> dict:
 
 def fresh_opt_state(setup: Setup, params) -> Any:
     """Optimizer state for given params (after `train.init_from`)."""
-    fn = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])
+    fn = jax.jit(lambda p: setup.tx.init(split_bias(p)[0]), out_shardings=setup.state_shardings["opt_state"])
     with jax.set_mesh(setup.mesh):
         return fn(params)
 
 
-def _grads(setup: Setup, params, batch, rng) -> tuple[Any, dict]:
-    """Gradients of the mean loss over `grad_accum` micro-batches (scanned, so memory is one micro-batch)."""
+SUMMED = ("tokens", "expert_counts")  # metrics summed over micro-batches; the others are averaged
+
+
+def _grads(setup: Setup, params, biases, batch, rng) -> tuple[Any, dict]:
+    """Gradients (w.r.t. the trainable `params` only) of the mean loss over `grad_accum` micro-batches
+    (scanned, so memory is one micro-batch). `expert_counts` are summed, so they count the whole step."""
     graphdef = setup.graphdef
 
-    def micro(p, mb, key):
-        return jax.value_and_grad(lambda q: loss_fn(nnx.merge(graphdef, q), mb, train=True, rng=key),
-                                  has_aux=True)(p)
+    def micro(p, mb, key, prior=None):
+        return jax.value_and_grad(lambda q: loss_fn(nnx.merge(graphdef, join_bias(q, biases)), mb, train=True,
+                                                    rng=key, prior_counts=prior), has_aux=True)(p)
 
     accum = setup.cfg.optim.grad_accum
     if accum == 1:
@@ -137,25 +173,39 @@ def _grads(setup: Setup, params, batch, rng) -> tuple[Any, dict]:
 
     def body(carry, xs):
         mb, key = xs
-        (_, m), g = micro(params, mb, key)
+        (_, m), g = micro(params, mb, key, carry[1].get("expert_counts"))  # counts of the earlier micro-batches
         return jax.tree.map(jnp.add, carry, (g, m)), None
 
     zero = jax.eval_shape(lambda: micro(params, jax.tree.map(lambda x: x[0], mbs), keys[0]))
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zero[1], zero[0][1]))
     (g, m), _ = jax.lax.scan(body, zero, (mbs, keys))
     scale = lambda x: x / accum  # noqa: E731
-    m = {k: (v if k == "tokens" else scale(v)) for k, v in m.items()}
+    m = {k: (v if k in SUMMED else scale(v)) for k, v in m.items()}
     return jax.tree.map(scale, g), m
+
+
+def _update_biases(cfg: Config, biases: dict, counts_LE, applied) -> dict:
+    """Aux-loss-free balancing after the optimizer step; a skipped (non-finite) step leaves the biases alone."""
+    return jax.tree.map(lambda b: jnp.where(applied, router.update_bias(b, counts_LE, cfg.model.router_bias_update_rate),
+                                            b), biases)
 
 
 def train_step_fn(setup: Setup) -> Callable:
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
         rng = jax.random.fold_in(state["rng"], state["step"])
-        grads, metrics = _grads(setup, state["params"], batch, rng)
-        params, opt_state = setup.tx.step(grads, state["opt_state"], state["params"])
+        trainable, biases = split_bias(state["params"])
+        grads, metrics = _grads(setup, trainable, biases, batch, rng)
+        trainable, opt_state = setup.tx.step(grads, state["opt_state"], trainable)
         skips = skip_stats(opt_state)
+        counts = metrics.pop("expert_counts", None)
+        if counts is not None:
+            metrics["load_imbalance"] = router.load_imbalance(counts)  # [L_moe], over the whole step
+        if biases:
+            biases = _update_biases(setup.cfg, biases, counts, skips["skipped_consecutive"] == 0)
+            metrics["router_bias_norm"] = optax.tree.norm(biases)
+        params = join_bias(trainable, biases)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=setup.schedule(state["step"]),
-                       param_norm=optax.tree.norm(params), skipped_total=skips["skipped_total"],
+                       param_norm=optax.tree.norm(trainable), skipped_total=skips["skipped_total"],
                        skipped_consecutive=skips["skipped_consecutive"])
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         return new_state, metrics
