@@ -12,6 +12,7 @@ from moe.bench import suite as bench
 
 KEYS = {
     "moe_layer": ("ratio_e8", "ratio_e16", "ratio_e32", "ratio_e64", "flatness", "dropless_ratio_e8"),
+    "routing": ("causal_ratio", "probability_ratio", "bias_ratio", "sigmoid_ratio", "seq_loss_ratio"),
     "train_step": ("mfu", "step_time_s", "tokens_per_sec", "peak_gflops"),
     "compile": ("compile_ratio",),
     "input": ("input_ratio",),

@@ -1,5 +1,5 @@
-"""Benchmarks: `python -m moe.bench NAME [--json PATH] [--quick]`, NAME in moe_layer, train_step, compile,
-input, checkpoint, all. They print a table and write the figures as a flat JSON object; they assert nothing
+"""Benchmarks: `python -m moe.bench NAME [--json PATH] [--quick]`, NAME in moe_layer, routing, train_step,
+compile, input, checkpoint, all. They print a table and write the figures as a flat JSON object; they assert nothing
 (correctness lives in tests/, speed targets and measured figures in docs/performance.md).
 
 Owns: measuring. Must not change what it measures: it builds the real MoE layer, train step, input pipeline
@@ -9,7 +9,7 @@ Method. Every compared variant is compiled and run once (warm-up), then the vari
 round-robin, alternating direction each round; a ratio is the median over rounds of the per-round ratio
 (paired), so load from other processes on a shared machine hits both sides of a ratio alike.
 `--quick` shrinks every size so the whole suite runs in seconds (for tests/test_bench.py; its numbers mean
-nothing). One module for the five benchmarks (~370 lines): they share the paired timing and the trainer.
+nothing). One module for the six benchmarks (~390 lines): they share the paired timing and the trainer.
 """
 
 from __future__ import annotations
@@ -67,11 +67,11 @@ def _ratios_to(ref: str, fns: dict[str, Callable[[], Any]], reps: int) -> tuple[
 
 def _fwd_bwd(module: nnx.Module, x: jax.Array) -> Callable[[], Any]:
     """jit(value_and_grad) of <module(x), ct> w.r.t. params and input: one forward + backward."""
-    graphdef, params = nnx.split(module, nnx.Param)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)  # rest: e.g. a router bias (no gradient)
     ct = jax.random.normal(jax.random.key(2), x.shape, x.dtype)
 
     def loss(p, x):
-        y = nnx.merge(graphdef, p)(x)
+        y = nnx.merge(graphdef, p, rest)(x)
         y = y[0] if isinstance(y, tuple) else y
         return jnp.sum(y.astype(jnp.float32) * ct)
 
@@ -127,6 +127,22 @@ def bench_moe_layer(quick: bool = False, dtype: str = "float32", reps: int = 5,
             out[f"dropless_ratio_e{e}"] = ratios[f"dropless_e{e}"]
     out.update(tokens=t, d_model=d, d_ff=f, top_k=k, capacity_factor=1.25, dtype=dtype, rounds=reps)
     return out
+
+
+def bench_routing(quick: bool = False, reps: int = 7) -> dict:
+    """MoE FFN fwd+bwd time of each routing option / the GShard baseline (softmax, position drop policy, no
+    bias), E=16 top-2, capacity 1.25, one routing group of T tokens (the dispatch and FFN cost is shared)."""
+    t, d, f, e = (256, 64, 128, 8) if quick else (4096, 512, 2048, 16)
+    reps = 2 if quick else reps
+    x = jax.random.normal(jax.random.key(1), (1, t, d), jnp.float32)
+    base = dict(d_model=d, d_ff=f, num_experts=e, top_k=2, capacity_factor=1.25, drop_policy="position")
+    variants = {"position": {}, "causal": {"drop_policy": "causal"}, "probability": {"drop_policy": "probability"},
+                "bias": {"router_bias_update_rate": 1e-3}, "sigmoid": {"router_score": "sigmoid"},
+                "seq_loss": {"seq_aux_loss_weight": 1e-4}}
+    fns = {k: _fwd_bwd(_Train(ModelConfig(**{**base, **v}), jnp.float32), x) for k, v in variants.items()}
+    ratios, base_s = _ratios_to("position", fns, reps)
+    return {**{f"{k}_ratio": v for k, v in ratios.items()}, "position_fwd_bwd_s": statistics.median(base_s),
+            "tokens": t, "num_experts": e, "rounds": reps}
 
 
 # --- 2. train step MFU, 5. checkpoint stall ------------------------------------------------------------
@@ -314,6 +330,7 @@ def bench_input(quick: bool = False, preset: str = "tiny", batches: int = 50) ->
 
 BENCHES: dict[str, Callable[..., dict]] = {
     "moe_layer": bench_moe_layer,
+    "routing": bench_routing,
     "train_step": bench_train_step,
     "compile": bench_compile,
     "input": bench_input,

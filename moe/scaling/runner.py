@@ -11,6 +11,7 @@ with its own workdir and `summary.json`.
     python -m moe.scaling collect configs/sweeps/tiny_sizes.yaml        # results.csv + results.md
     python -m moe.scaling fit configs/sweeps/tiny_sizes.yaml --form chinchilla --target-flops 1e21
     python -m moe.scaling plot configs/sweeps/tiny_sizes.yaml           # plots/*.png
+    python -m moe.scaling compare configs/sweeps/routing_tiny.yaml      # variants over seeds (moe.scaling.compare)
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moe.scaling", description=__doc__ + "\n" + moe.scaling.sweep.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for cmd in ("run", "emit", "collect", "fit", "plot"):
+    for cmd in ("run", "emit", "collect", "fit", "plot", "compare"):
         s = sub.add_parser(cmd)
         s.add_argument("sweep")
         s.add_argument("--workdir", default="", help="sweep folder (default runs/sweeps/<sweep name>)")
@@ -235,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             if tpu and not (a.zone and a.type):
                 raise SweepError("emit --tpu needs --zone and --type too")
             print("\n".join(emit_commands(sweep, a.workdir or f"runs/sweeps/{sweep.name}", tpu)))
+            return 0
+        if a.cmd == "compare":
+            from moe.scaling.compare import compare, write_compare
+
+            print(write_compare(compare(sweep, workdir), workdir) + f"\nwrote {workdir / 'compare.md'}")
             return 0
         rows = collect(sweep, workdir)
         if a.cmd == "collect":
