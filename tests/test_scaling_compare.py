@@ -19,6 +19,7 @@ def _write_run(folder, final_eval, loads, drops):
             rec["eval_loss"] = final_eval
         lines.append(json.dumps(rec))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "config.yaml").write_text("optim:\n  warmup_steps: 10\n")
 
 
 def test_compare_groups_seeds_and_averages_the_tail(tmp_path):

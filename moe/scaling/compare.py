@@ -7,7 +7,8 @@ metrics.jsonl; runs and fits nothing (moe.scaling.runner runs, moe.scaling.fit f
 Per variant, over its seeds: the final eval loss (mean, and half the range as the spread), and from the
 logged training steps the max/mean expert load (the worst MoE layer of each step, `load_imbalance`),
 the drop fraction and the throughput, averaged over the last quarter of training (`tail`) and, for the load,
-also its worst logged value after warmup. docs/routing.md is written from these tables.
+also its worst logged value after the run's warmup (early routing
+is near-uniform noise, and an un-biased router can start collapsed). docs/routing.md is written from these tables.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from moe.scaling.sweep import Sweep
 from moe.train.metrics import read_metrics
@@ -36,6 +39,14 @@ def _series(records: list[dict], key: str) -> dict[int, float]:
             continue
         out[r["step"]] = max(v) if isinstance(v, list) else float(v)
     return out
+
+
+def _warmup(run_dir: Path) -> int:
+    """The run's optim.warmup_steps, from the resolved config it wrote (0 if it has none yet)."""
+    try:
+        return int(yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["warmup_steps"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return 0
 
 
 def _tail_mean(series: dict[int, float], steps: int, fraction: float = 0.25) -> float | None:
@@ -60,7 +71,7 @@ def compare(sweep: Sweep, workdir: Path) -> list[dict[str, Any]]:
         records = read_metrics(workdir / p.name) if (workdir / p.name / "metrics.jsonl").exists() else []
         steps = max((r["step"] for r in records), default=0)
         train_records = [r for r in records if "tokens_per_sec" in r]
-        warmup = next((int(o.split("=")[1]) for o in p.overrides if o.startswith("optim.warmup_steps=")), 0)
+        warmup = _warmup(workdir / p.name)
         evals = [r for r in records if r.get("eval_loss") is not None]
         load = _series(train_records, "load_imbalance")
         v["runs"].append({

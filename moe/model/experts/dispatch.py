@@ -36,14 +36,24 @@ def capacity(tokens: int, num_experts: int, k: int, factor: float, minimum: int)
     return int(min(tokens, max(minimum, math.ceil(factor * k * tokens / num_experts))))
 
 
-def _priority(experts_TK: jax.Array, gates_TK: jax.Array | None, policy: str) -> jax.Array:
-    """Flat (token, choice) indices t*K + k in the order they are handed slots."""
-    t, k = experts_TK.shape
+def _to_priority(a_TK: jax.Array, gates_TK: jax.Array | None, policy: str) -> tuple[jax.Array, jax.Array | None]:
+    """The (token, choice) values of `a_TK` flattened in the order they are handed slots, and the order
+    itself when it is a sort (None for the two fixed orders, undone by a reshape)."""
     if policy == "causal":
-        return jnp.arange(t * k, dtype=jnp.int32)
+        return a_TK.reshape(-1), None
     if policy == "position":
-        return jnp.arange(t * k, dtype=jnp.int32).reshape(t, k).T.reshape(-1)
-    return jnp.argsort(-gates_TK.reshape(-1), stable=True).astype(jnp.int32)
+        return a_TK.T.reshape(-1), None
+    order_S = jnp.argsort(-gates_TK.reshape(-1), stable=True)
+    return a_TK.reshape(-1)[order_S], order_S
+
+
+def _from_priority(v_S: jax.Array, order_S: jax.Array | None, shape: tuple[int, int], policy: str) -> jax.Array:
+    t, k = shape
+    if policy == "causal":
+        return v_S.reshape(t, k)
+    if policy == "position":
+        return v_S.reshape(k, t).T
+    return jnp.zeros_like(v_S).at[order_S].set(v_S).reshape(t, k)
 
 
 def assign_slots(experts_TK: jax.Array, num_experts: int, cap: int, policy: str = "causal",
@@ -53,17 +63,13 @@ def assign_slots(experts_TK: jax.Array, num_experts: int, cap: int, policy: str 
     Returns slot_TK (flat index e*C + position into the [E*C] buffer; E*C for dropped) and kept_TK (bool).
     `gates_TK` is needed by the probability policy only.
     """
-    t, k = experts_TK.shape
-    order_S = _priority(experts_TK, gates_TK, policy)
-    experts_S = experts_TK.reshape(-1)[order_S]
+    experts_S, order_S = _to_priority(experts_TK, gates_TK, policy)
     onehot_SE = jax.nn.one_hot(experts_S, num_experts, dtype=jnp.int32)
     position_S = jnp.sum((jnp.cumsum(onehot_SE, axis=0) - 1) * onehot_SE, axis=-1)
     kept_S = position_S < cap
-    slot_S = jnp.where(kept_S, experts_S * cap + position_S, num_experts * cap)
-    # back from priority order to (token, choice) order
-    slot = jnp.zeros((t * k,), jnp.int32).at[order_S].set(slot_S.astype(jnp.int32))
-    kept = jnp.zeros((t * k,), bool).at[order_S].set(kept_S)
-    return slot.reshape(t, k), kept.reshape(t, k)
+    slot_S = jnp.where(kept_S, experts_S * cap + position_S, num_experts * cap).astype(jnp.int32)
+    return (_from_priority(slot_S, order_S, experts_TK.shape, policy),
+            _from_priority(kept_S, order_S, experts_TK.shape, policy))
 
 
 def _inverse(slot_TK: jax.Array, num_slots: int) -> jax.Array:
