@@ -3,7 +3,7 @@
 Owns: the schema (every field with its help, allowed values or range, and whether it may change on resume or
 in eval), loading, overrides and *all* validation that can be done before anything compiles, including the
 divisibility rules against processes and mesh (`check_placement`). Must not import jax: a bad config fails in
-milliseconds. Longer than our other modules on purpose (~530 lines, a third of it the schema): the config's
+milliseconds. Longer than our other modules on purpose (~560 lines, a third of it the schema): the config's
 rules are in one file so that none can drift into the code that uses them.
 
     cfg = load_config("configs/tiny.yaml", ["model.num_experts=16", "optim.name=lion"])
