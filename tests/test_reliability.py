@@ -259,6 +259,26 @@ def test_sigterm_at_any_moment_of_start_up_exits_75_with_a_message(tmp_path):
     print(f"\nstop signals during start-up -> exit 75: {len(results)} / {len(results)} ({results})")
 
 
+def test_a_stop_signal_inside_a_del_prints_nothing_and_stops_at_the_next_check():
+    """A signal whose handler runs inside `__del__` (or a gc callback, as XLA's is) cannot propagate: Python
+    would print "Exception ignored in ..." with a traceback. It is kept and raised by `deferred` instead."""
+    code = ("import os, signal, time\n"
+            "from moe.train import signals\n"
+            "signals.raise_on_signal()\n"
+            "class D:\n"
+            "    def __del__(self):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
+            "d = D(); del d\n"
+            "try:\n"
+            "    with signals.deferred():\n"
+            "        print('not reached')\n"
+            "except signals.Preempted as e:\n"
+            "    print('stopped:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stderr == "" and out.stdout.startswith("stopped: SIGTERM outside the training loop"), out
+
+
 # --- bad invocations: one `error:` line, exit 2, before compiling --------------------------------------------
 
 

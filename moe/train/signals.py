@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -33,8 +34,21 @@ def _raise(signum, _frame):
     raise _startup_stop(_pending[-1])
 
 
+def _quiet_unraisable(unraisable) -> None:
+    """A `Preempted` raised where Python cannot propagate it (a gc callback, `__del__`, a weakref callback)
+    is already in `_pending` and raised again by `deferred`: it is not an error, so it prints nothing (Python
+    would print "Exception ignored in ..." with a traceback). Anything else goes to the previous hook."""
+    if isinstance(unraisable.exc_value, Preempted):
+        return
+    _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
 def raise_on_signal() -> None:
     """Stop signals raise `Preempted` from now on (the entry points call this first)."""
+    sys.unraisablehook = _quiet_unraisable
     for s in STOP_SIGNALS:
         signal.signal(s, _raise)
 
