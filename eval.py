@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -107,8 +106,10 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curve(rows: list[dict], path: str) -> None:
-    """Loss and bits per byte against step (one PNG)."""
+def plot_curve(rows: list[dict]) -> bytes:
+    """Loss and bits per byte against step: the bytes of one PNG."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,8 +126,10 @@ def plot_curve(rows: list[dict], path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    return buf.getvalue()
 
 
 def main(argv=None) -> int:
@@ -137,6 +140,7 @@ def main(argv=None) -> int:
     from moe.train.checkpoint import CheckpointError
     from moe.config import ConfigError, check_eval_overrides
     from moe.data.corpus import DataError
+    from moe.runtime import storage
     from moe.runtime.hostmem import set_host_malloc
 
     try:
@@ -163,17 +167,13 @@ def main(argv=None) -> int:
     except (eval_lm.EvalError, ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.all:
-        out_dir = os.path.dirname(args.out) if args.out else os.path.join(args.workdir, "eval")
-        os.makedirs(out_dir or ".", exist_ok=True)
-        with open(os.path.join(out_dir, "curve.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        plot_curve(rows, os.path.join(out_dir, "curve.png"))
-        print(f"wrote {os.path.join(out_dir, 'curve.jsonl')} and curve.png")
+    if args.all:  # outputs go through moe/runtime/storage.py: the workdir (or --out) may be a bucket
+        out_dir = storage.parent(args.out) if args.out else storage.join(args.workdir, "eval")
+        storage.write_text(storage.join(out_dir, "curve.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        storage.write_bytes(storage.join(out_dir, "curve.png"), plot_curve(rows))
+        print(f"wrote {storage.join(out_dir, 'curve.jsonl')} and curve.png")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(rows if args.all else rows[0], f, indent=1)
+        storage.write_text(args.out, json.dumps(rows if args.all else rows[0], indent=1))
     return 0
 
 

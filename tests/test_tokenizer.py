@@ -68,7 +68,7 @@ def test_save_load_identical(tok):
 
 def test_load_trains_once_and_caches(cfg, monkeypatch, tmp_path):
     monkeypatch.setenv("MOE_CACHE_DIR", str(tmp_path))
-    path = cached_path(open_corpus(cfg).name, VOCAB)
+    path = Path(cached_path(open_corpus(cfg).name, VOCAB))
     assert not path.exists()
     first = load_tokenizer(cfg)
     assert Path(first.path) == path and path.is_file() and first.vocab_size == VOCAB

@@ -19,18 +19,19 @@ Deliberate choices (Kudo & Richardson 2018, SentencePiece):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
 from moe.data.corpus import DataError, file_lock, open_corpus
+from moe.runtime import storage
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +92,26 @@ class Tokenizer:
 
 
 def tokenizer_from_file(path: str) -> Tokenizer:
-    """Loads a SentencePiece `.model` file (local path)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
+    """Loads a SentencePiece `.model` file (a local path or a bucket URL: gs://B/tok.model)."""
+    p = path if storage.is_url(path) else os.path.expanduser(path)
+    if not storage.isfile(p):
         raise DataError(f"data.tokenizer: '{path}' does not exist; give a SentencePiece .model file, or leave "
                         "data.tokenizer empty to train one (python -m moe.data.tokenizer train --config ...)")
     try:
-        return Tokenizer(str(p), p.read_bytes())
+        return Tokenizer(p, storage.read_bytes(p))
     except RuntimeError as e:
         raise DataError(f"data.tokenizer: '{path}' is not a SentencePiece model ({e})") from None
 
 
-def cache_dir() -> Path:
-    """$MOE_CACHE_DIR, else runs/_cache."""
-    return Path(os.environ.get("MOE_CACHE_DIR") or "runs/_cache")
+def cache_dir() -> str:
+    """$MOE_CACHE_DIR (a local folder or a bucket URL, shared by the workers of a pod), else runs/_cache."""
+    return os.environ.get("MOE_CACHE_DIR") or "runs/_cache"
 
 
-def cached_path(corpus_name: str, vocab_size: int) -> Path:
+def cached_path(corpus_name: str, vocab_size: int) -> str:
     """e.g. runs/_cache/tokenizer-moe_text-stdlib_r1_val0500-3.12.1-v8192.model (corpus identity + vocab)."""
     tag = corpus_name.replace("/", "-").replace(":", "-")
-    return cache_dir() / f"tokenizer-{tag}-v{vocab_size}.model"
+    return storage.join(cache_dir(), f"tokenizer-{tag}-v{vocab_size}.model")
 
 
 def _training_lines(cfg, max_bytes: int) -> Iterator[str]:
@@ -128,7 +129,7 @@ def _training_lines(cfg, max_bytes: int) -> Iterator[str]:
             return
 
 
-def train_tokenizer(cfg, out: str | Path, max_bytes: int = MAX_TRAIN_BYTES) -> Tokenizer:
+def train_tokenizer(cfg, out: str, max_bytes: int = MAX_TRAIN_BYTES) -> Tokenizer:
     """Trains a BPE model of `model.vocab_size` pieces on the configured train split and writes `out`."""
     vocab = cfg.model.vocab_size
     model = io.BytesIO()
@@ -139,12 +140,8 @@ def train_tokenizer(cfg, out: str | Path, max_bytes: int = MAX_TRAIN_BYTES) -> T
     except RuntimeError as e:  # e.g. "Vocabulary size is too high" on a tiny corpus
         raise DataError(f"model.vocab_size={vocab}: SentencePiece could not train on data.source="
                         f"{cfg.data.source} ({str(e).strip()}); lower model.vocab_size or add data") from None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # atomic: a concurrent reader never sees half a file
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out)
-    return Tokenizer(str(out), model.getvalue())
+    storage.write_bytes(out, model.getvalue())  # atomic: a concurrent reader never sees half a file
+    return Tokenizer(os.fspath(out), model.getvalue())
 
 
 def load_tokenizer(cfg) -> Tokenizer:
@@ -156,14 +153,16 @@ def load_tokenizer(cfg) -> Tokenizer:
                         "`python -m moe.data.tokenizer train --config CONFIG --out runs/tok.model` and set data.tokenizer")
     else:
         path = cached_path(open_corpus(cfg).name, cfg.model.vocab_size)
-        if path.is_file():
-            tok = tokenizer_from_file(str(path))
-        else:
-            with file_lock(str(path.parent), path.name):
-                if not path.is_file():
+        if not storage.isfile(path):
+            # one trainer per local cache (a lock file); in a bucket, concurrent trainers write the same bytes
+            # (training is deterministic) and each write is one whole object
+            lock = contextlib.nullcontext() if storage.is_url(path) else file_lock(os.path.dirname(path),
+                                                                                     os.path.basename(path))
+            with lock:
+                if not storage.isfile(path):
                     log.info("training tokenizer %s (once)", path)
                     train_tokenizer(cfg, path)
-            tok = tokenizer_from_file(str(path))
+        tok = tokenizer_from_file(path)
     if tok.vocab_size != cfg.model.vocab_size:
         raise DataError(f"tokenizer '{tok.path}' has {tok.vocab_size} pieces but model.vocab_size is "
                         f"{cfg.model.vocab_size}; set model.vocab_size={tok.vocab_size} or point data.tokenizer "
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.out:
-            out = Path(args.out)
+            out = args.out  # a local path or a bucket URL
         elif cfg.data.source == "tfds":
             raise DataError("--out is required with data.source=tfds (there is no cache path for it)")
         else:

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import math
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -31,6 +30,7 @@ from moe import config
 from moe.data import pipeline as data_lib
 from moe.train import steps as train_steps
 from moe.model.generate import Generator
+from moe.runtime import storage
 from moe.runtime.sharding import batch_ways, make_mesh
 from moe.data.tokenizer import Tokenizer, tokenizer_from_file
 
@@ -87,20 +87,19 @@ def _eval_mesh(cfg: config.Config):
 
 def load_run_config(workdir: str, overrides: Sequence[str] = ()) -> config.Config:
     """WORKDIR/config.yaml (+ `key.sub=value` overrides) -> Config; clear errors for a missing run."""
-    wd = Path(workdir)
-    if not wd.is_dir():
+    if not storage.isdir(workdir):
         raise EvalError(f"workdir '{workdir}' does not exist; pass the --workdir of a training run")
-    path = wd / "config.yaml"
-    if not path.is_file():
+    path = storage.join(workdir, "config.yaml")
+    if not storage.isfile(path):
         raise EvalError(f"'{path}' not found: '{workdir}' is not a training workdir (train.py writes config.yaml)")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = yaml.safe_load(storage.read_text(path)) or {}
     return config.from_dict(config.apply_overrides(tree, list(overrides)))
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
     """Steps saved under WORKDIR/checkpoints (committed ones; interrupted saves are not listed)."""
-    ckdir = Path(workdir) / "checkpoints"
-    steps = sorted(int(p.name) for p in ckdir.iterdir() if p.is_dir() and p.name.isdigit()) if ckdir.is_dir() else []
+    ckdir = storage.join(workdir, "checkpoints")
+    steps = sorted(int(n) for n in storage.listdir(ckdir) if n.isdigit() and storage.isdir(storage.join(ckdir, n)))
     if not steps:
         raise EvalError(f"no checkpoints in '{ckdir}'; train first (python train.py --workdir {workdir})")
     return steps
@@ -109,10 +108,10 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def load_run(workdir: str, step: int | None = None, *, batch_size: int | None = None,
              overrides: Sequence[str] = ()) -> Run:
     """Config + tokenizer from the workdir, params of `step` (default newest) onto the devices present now."""
-    workdir = os.path.abspath(workdir)
+    workdir = workdir if storage.is_url(workdir) else os.path.abspath(workdir)
     cfg = load_run_config(workdir, overrides)
-    tok_path = os.path.join(workdir, "tokenizer.model")
-    if not os.path.isfile(tok_path):
+    tok_path = storage.join(workdir, "tokenizer.model")
+    if not storage.isfile(tok_path):
         raise EvalError(f"tokenizer '{tok_path}' is missing; copy the tokenizer the run was trained with there")
     tok = tokenizer_from_file(tok_path)
     if tok.vocab_size != cfg.model.vocab_size:

@@ -26,12 +26,9 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import re
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -39,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from moe.config import CheckpointConfig
+from moe.runtime import storage
 from moe.train import integrity
 
 log = logging.getLogger(__name__)
@@ -70,15 +68,10 @@ def _shorten(line: str) -> str:
     return line if len(line) <= 300 else line[:100] + " ... " + line[-195:]
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 class Checkpointer:
     def __init__(self, workdir: str, cfg: CheckpointConfig, *, with_data: bool = True):
-        # Orbax needs absolute paths (a relative one fails at the first save): the default workdir is runs/<name>.
-        self.workdir = str(workdir) if _is_remote(str(workdir)) else os.path.abspath(workdir)
-        self.dir = os.path.join(self.workdir, "checkpoints")
+        self.workdir = str(workdir)  # what our own files use (a URL stays a URL: moe/runtime/storage.py)
+        self.dir = storage.orbax_path(storage.join(self.workdir, "checkpoints"))  # what Orbax is given
         self.cfg = cfg
         self.with_data = with_data
         self.damaged: list[tuple[int, str]] = []  # (step, reason) of steps set aside by restore_latest
@@ -189,16 +182,15 @@ class Checkpointer:
         """Restores the iterator position: a missing or garbled file is damage (returned); a position the
         pipeline rejects is an incompatibility (CheckpointError)."""
         import grain
-        from etils import epath
 
         pid, n = jax.process_index(), jax.process_count()
-        path = epath.Path(self.dir) / str(step) / "data" / f"process_{pid}-of-{n}.json"
+        path = storage.join(self.workdir, "checkpoints", str(step), "data", f"process_{pid}-of-{n}.json")
         try:
-            json.loads(path.read_text())
+            json.loads(storage.read_text(path))
         except FileNotFoundError:
-            return f"data-iterator file {path.name} is missing"
+            return f"data-iterator file {storage.name(path)} is missing"
         except (ValueError, UnicodeDecodeError) as e:
-            return f"data-iterator file {path.name} is not JSON ({e})"
+            return f"data-iterator file {storage.name(path)} is not JSON ({e})"
         try:
             self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
         except Exception as e:  # noqa: BLE001 - grain raises KeyError/ValueError for a state of another pipeline
@@ -209,15 +201,11 @@ class Checkpointer:
 
     def set_aside(self, step: int, reason: str, what: str = "could not be restored") -> None:
         """Moves a step to WORKDIR/checkpoints_damaged/STEP-TIME/ with the reason in DAMAGED.txt (never deletes)."""
-        src = os.path.join(self.dir, str(step))
-        if _is_remote(self.dir):
-            log.error("checkpoint step %d is damaged (%s); skipping it (left in place on remote storage)", step, reason)
-        elif jax.process_index() == 0:  # one mover on a shared filesystem
-            dst_root = Path(self.workdir) / "checkpoints_damaged"
-            dst_root.mkdir(parents=True, exist_ok=True)
-            dst = dst_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-            shutil.move(src, dst)
-            (dst / "DAMAGED.txt").write_text(f"step {step} {what}: {reason}\n")
+        if jax.process_index() == 0:  # one mover on a shared filesystem or bucket
+            src = storage.join(self.workdir, "checkpoints", str(step))
+            dst = storage.join(self.workdir, "checkpoints_damaged", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            storage.move_tree(src, dst)
+            storage.write_text(storage.join(dst, "DAMAGED.txt"), f"step {step} {what}: {reason}\n")
             log.error("checkpoint step %d is damaged or superseded (%s); moved to %s", step, reason, dst)
         _barrier(f"set_aside_{step}")
         self.manager.reload()
@@ -309,20 +297,18 @@ def find_checkpoint_dir(path: str, require_steps: bool = False) -> str:
     """A workdir or its checkpoints/ folder -> the checkpoints folder (for `train.init_from`, eval); with
     `require_steps`, a local folder without a saved step is an error too."""
     p = path.rstrip("/")
-    if _is_remote(p):
-        return p if p.endswith("/checkpoints") else p + "/checkpoints"
-    found = os.path.join(p, "checkpoints") if os.path.isdir(os.path.join(p, "checkpoints")) else p
-    if not os.path.isdir(found):
+    storage.scheme(p)
+    found = storage.join(p, "checkpoints") if storage.isdir(storage.join(p, "checkpoints")) else p
+    if not storage.isdir(found):
         raise CheckpointError(f"no checkpoint directory at '{path}' (expected a workdir with checkpoints/ in it)")
-    if require_steps and not any(name.isdigit() for name in os.listdir(found)):
+    if require_steps and not any(name.isdigit() for name in storage.listdir(found)):
         raise CheckpointError(f"no saved step in '{found}' (train.init_from needs a run with checkpoints)")
     return found
 
 
 def restore_params(path: str, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
     """Params only from another run's newest (or given) step: for `train.init_from` and evaluation."""
-    ckdir = find_checkpoint_dir(path)
-    ckdir = ckdir if _is_remote(ckdir) else os.path.abspath(ckdir)
+    ckdir = storage.orbax_path(find_checkpoint_dir(path))
     mgr = ocp.CheckpointManager(ckdir, item_names=("state", "data", "meta"))
     steps = sorted(mgr.all_steps())
     if not steps:

@@ -5,6 +5,8 @@ Each variable is a comma-separated list of 1-based step numbers; each entry fire
     MOE_FAULT_NAN_STEPS      that step's batch gets NaN loss weights (a non-finite loss and gradients)
     MOE_FAULT_SPIKE_STEPS    that step's targets are replaced by shifted tokens (a loss spike)
     MOE_FAULT_SIGTERM_STEP   this process gets SIGTERM while that step runs (a preemption at a known step)
+    MOE_FAULT_KILL_STEP      this process SIGKILLs itself when that step's batch is fetched (kill -9 / a VM
+                             that vanishes: no handler runs, nothing is flushed or synced)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-FAULT_ENV = ("MOE_FAULT_NAN_STEPS", "MOE_FAULT_SPIKE_STEPS", "MOE_FAULT_SIGTERM_STEP")
+FAULT_ENV = ("MOE_FAULT_NAN_STEPS", "MOE_FAULT_SPIKE_STEPS", "MOE_FAULT_SIGTERM_STEP", "MOE_FAULT_KILL_STEP")
 
 log = logging.getLogger("moe.train")
 
@@ -57,6 +59,8 @@ class FaultyBatches:
             batch = dict(batch, targets=(batch["targets"] + self.vocab_size // 2 + 3) % self.vocab_size)
         if self._fires("MOE_FAULT_SIGTERM_STEP", step):
             os.kill(os.getpid(), signal.SIGTERM)
+        if self._fires("MOE_FAULT_KILL_STEP", step):
+            os.kill(os.getpid(), signal.SIGKILL)
         return batch
 
 

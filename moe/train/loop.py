@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -28,6 +27,7 @@ from moe.data import pipeline
 from moe.data.tokenizer import load_tokenizer
 from moe.eval import lm as eval_lm
 from moe.model.decoder import flops_per_token, param_counts
+from moe.runtime import storage
 from moe.runtime.peak import peak_flops_per_second
 from moe.runtime.sharding import make_mesh
 from moe.train import faults
@@ -52,9 +52,9 @@ def train(cfg: config.Config, workdir: str) -> dict:
     # ---------------------------------------------------------------- input (validated before compiling)
     pipeline.check_data(cfg)
     tok = load_tokenizer(cfg)
-    if is_main and os.path.abspath(tok.path) != os.path.abspath(os.path.join(workdir, "tokenizer.model")):
-        with open(os.path.join(workdir, "tokenizer.model"), "wb") as f, open(tok.path, "rb") as src:
-            f.write(src.read())
+    tok_copy = storage.join(workdir, "tokenizer.model")
+    if is_main and storage.orbax_path(tok.path) != storage.orbax_path(tok_copy):
+        storage.copy_file(tok.path, tok_copy)
     config.check_placement(cfg, processes=nproc)
     data_iter = pipeline.train_iterator(cfg, tok, pid, nproc)
 
@@ -79,8 +79,7 @@ def train(cfg: config.Config, workdir: str) -> dict:
         stack.callback(writer.close)
         writer.truncate_after(step)
         if is_main:
-            with open(os.path.join(workdir, "config.yaml"), "w") as f:
-                f.write(config.dump_yaml(cfg))
+            storage.write_text(storage.join(workdir, "config.yaml"), config.dump_yaml(cfg))
 
         # ------------------------------------------------------------ evals (the same function as eval.py)
         eval_run = eval_lm.training_run(workdir, cfg, tok, mesh)
@@ -125,6 +124,7 @@ def train(cfg: config.Config, workdir: str) -> dict:
                 last = record
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop_signal:
+                writer.sync()  # a bucket holds every record up to a checkpoint before the checkpoint exists
                 checkpointer.save(step, state, meta, data_iter)
             if stop_signal and step < cfg.train.steps:  # at the last step the run is simply done
                 checkpointer.wait()
@@ -141,8 +141,7 @@ def train(cfg: config.Config, workdir: str) -> dict:
         "rollbacks": guard.rollbacks, "skipped_batches": guard.skipped_batches, "params_sha": params_sha, "done": True,
     }
     if is_main:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        storage.write_text(storage.join(workdir, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
 
@@ -194,20 +193,11 @@ def _restore_init_params(path: str, setup: train_steps.Setup, fresh_params) -> t
 
 
 def prepare_workdir(workdir: str) -> None:
-    """Creates the workdir, or says in one line why it cannot be used (a file, unwritable, read-only)."""
-    if "://" in workdir:
-        return  # object stores have no directories to create or probe
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise config.ConfigError(f"--workdir '{workdir}' is a file, not a directory; pass a directory")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise config.ConfigError(f"--workdir '{workdir}' is not writable ({e.strerror or e}); fix its permissions, "
-                                 "mount or attributes, or pass another directory") from None
+    """Creates the workdir (a folder, or a prefix in a bucket) and probes it with a write from process 0, or
+    says in one line why it cannot be used (unknown scheme, a file, unwritable, no permission on the bucket)."""
+    storage.scheme(workdir)  # an unknown scheme is an error on every process
+    if jax.process_index() == 0:
+        storage.check_writable(workdir)
 
 
 def _roll_back(checkpointer: Checkpointer, setup, data_iter, guard: Guard, step: int, what: str,
@@ -244,5 +234,4 @@ def _params_sha(params) -> str | None:
 
 
 def file_sha(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()[:16]

@@ -11,6 +11,10 @@ Crash safety: every line is flushed as it is written, so a killed run keeps all 
 half-written last line, which `read_metrics` drops and a new writer cuts off before appending. On resume
 from step s, `truncate_after(s)` drops the records logged after the checkpoint (they will be logged again)
 and tells TensorBoard to hide its events after s (tensorboardX `purge_step`).
+
+A workdir in a bucket (moe/runtime/storage.py): both files are written in a local staging folder and
+uploaded whole by `sync()` -- the loop calls it before each checkpoint save, so the bucket holds every
+record up to the newest checkpoint whatever kills the run -- and at most every 30 s otherwise, and on close.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from moe.runtime import storage
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -53,7 +59,7 @@ def _drop_partial_tail(path: Path) -> None:
     a last line that is a whole record short of its newline gets the newline instead."""
     if not path.exists() or path.stat().st_size == 0:
         return
-    with open(path, "rb+") as f:
+    with open(path, "rb+") as f:  # local: the workdir's file or the staged copy
         data = f.read()
         if data.endswith(b"\n"):
             return
@@ -70,14 +76,16 @@ class MetricsWriter:
 
     def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
         self.enabled = enabled
-        self.path = Path(workdir) / METRICS_FILE
-        self.tb_dir = Path(workdir) / TB_DIR
         self._file = None
         self._tb = None
         if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._mirror = storage.Mirror(os.fspath(workdir))
+            self._mirror.pull(METRICS_FILE)
+            self.path = Path(self._mirror.local(METRICS_FILE))  # a local file: the workdir's or the staged copy
+            self.tb_dir = Path(self._mirror.local(TB_DIR))  # local: likewise
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # local
             _drop_partial_tail(self.path)
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = open(self.path, "a", encoding="utf-8")  # local: a bucket object is never appended to
             self._tb = self._open_tb()
 
     def _open_tb(self, purge_step: int | None = None):
@@ -96,20 +104,27 @@ class MetricsWriter:
             for tag, x in _scalars(name, value):
                 self._tb.add_scalar(tag, x, int(step))
         self._tb.flush()
+        self._mirror.sync(force=False)
+
+    def sync(self) -> None:
+        """Uploads what was written (a bucket workdir; nothing to do on a local disk)."""
+        if self.enabled:
+            self._mirror.sync()
 
     def truncate_after(self, step: int) -> None:
         """Drop records with step > `step` (a resume from checkpoint `step` logs them again)."""
         if not self.enabled:
             return
         self._file.close()
-        kept = [r for r in read_metrics(self.path.parent) if r["step"] <= step]
+        kept = [r for r in _records(self.path.read_text(encoding="utf-8"), self.path) if r["step"] <= step]  # local
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)  # atomic: a crash here leaves the old file or the new one, never half
-        self._file = open(self.path, "a", encoding="utf-8")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")  # local
+        os.replace(tmp, self.path)  # local; atomic: a crash here leaves the old file or the new one, never half
+        self._file = open(self.path, "a", encoding="utf-8")  # local
         # TensorBoard cannot edit event files; a new writer with purge_step hides events >= step + 1.
         self._tb.close()
         self._tb = self._open_tb(purge_step=step + 1)
+        self._mirror.sync()
 
     def close(self) -> None:
         if self._file is not None:
@@ -118,15 +133,21 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self.enabled:
+            self._mirror.close()
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """All records of WORKDIR/metrics.jsonl in order; [] if absent. A truncated last line is skipped;
     an unreadable line elsewhere is corruption and raises ValueError naming the line."""
-    path = Path(workdir) / METRICS_FILE
-    if not path.exists():
+    path = storage.join(workdir, METRICS_FILE)
+    if not storage.isfile(path):
         return []
-    lines = path.read_text(encoding="utf-8").split("\n")
+    return _records(storage.read_text(path), path)
+
+
+def _records(text: str, path) -> list[dict]:
+    lines = text.split("\n")
     complete, tail = lines[:-1], lines[-1]  # text after the last newline is a partial write (or "")
     records = []
     for i, line in enumerate(complete, 1):
