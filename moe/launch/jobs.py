@@ -97,11 +97,12 @@ class TpuJob(NamedTuple):
     bucket: str = ""  # gs://... ; the run's workdir becomes <bucket>/<name>
     env: tuple[str, ...] = ()  # KEY=VALUE set for train.py on every worker
     src: str = "."  # local git checkout to archive
+    entry: tuple[str, ...] = ("train.py",)  # what .venv/bin/python runs with the args (a sweep point: -m moe.scaling point)
 
 
 def make_job(name: str, zone: str, tpu_type: str, train_args: Sequence[str], *, slices: int = 1,
              bucket: str = "", env: Sequence[str] = (), spot: bool = False, queued: bool = False,
-             project: str = "", runtime: str = "", src: str = ".") -> TpuJob:
+             project: str = "", runtime: str = "", src: str = ".", entry: Sequence[str] = ("train.py",)) -> TpuJob:
     """Validate every user input and build a TpuJob; each error names the flag and what is allowed."""
     if not _NAME_RE.match(name):
         raise LaunchError(f"--name {name!r}: use 1-50 lowercase letters, digits and '-', starting with a letter")
@@ -123,7 +124,8 @@ def make_job(name: str, zone: str, tpu_type: str, train_args: Sequence[str], *, 
         raise LaunchError(f"{tpu.accelerator} x {slices} slice(s) runs {tpu.hosts * slices} hosts: pass "
                           "--bucket gs://... (or --workdir in the train.py args) so checkpoints are shared")
     return TpuJob(name, zone, tpu, list(train_args), spot=spot, queued=queued or slices > 1, slices=slices,
-                  project=project, runtime=runtime, bucket=bucket.rstrip("/"), env=tuple(env), src=src)
+                  project=project, runtime=runtime, bucket=bucket.rstrip("/"), env=tuple(env), src=src,
+                  entry=tuple(entry))
 
 
 def nodes(job: TpuJob) -> list[str]:
@@ -131,13 +133,13 @@ def nodes(job: TpuJob) -> list[str]:
     return [f"{job.name}-{i}" for i in range(job.slices)] if job.slices > 1 else [job.name]
 
 
-def _gcloud(job: TpuJob, *args: str) -> list[str]:
+def gcloud(job: TpuJob, *args: str) -> list[str]:
     return ["gcloud", "compute", "tpus", *args, f"--zone={job.zone}"] + (
         [f"--project={job.project}"] if job.project else [])
 
 
 def _ssh(job: TpuJob, node: str, command: str, worker: str = "all") -> list[str]:
-    return _gcloud(job, "tpu-vm", "ssh", node) + [f"--worker={worker}", f"--command={command}"]
+    return gcloud(job, "tpu-vm", "ssh", node) + [f"--worker={worker}", f"--command={command}"]
 
 
 def train_command(job: TpuJob) -> str:
@@ -146,7 +148,7 @@ def train_command(job: TpuJob) -> str:
     if job.bucket and not any(a == "--workdir" or a.startswith("--workdir=") for a in args):
         args += ["--workdir", f"{job.bucket}/{job.name}"]
     env = ["env", *job.env] if job.env else []
-    cmd = shlex.join([*env, ".venv/bin/python", "train.py", *args])
+    cmd = shlex.join([*env, ".venv/bin/python", *job.entry, *args])
     log = f"{LOG_DIR}/worker-$(hostname).log"  # $(hostname) left unquoted: expanded on the worker
     # `;` not `&&` before nohup: `a && b &` would background the whole list and $! would be a subshell's pid
     return (f"mkdir -p {LOG_DIR} && cd ~/moe || exit 1; echo \"=== start $(date -Is) $(cat COMMIT 2>/dev/null)\" "
@@ -161,15 +163,15 @@ def tpu_steps(job: TpuJob) -> list[Step]:
     if job.queued:
         shape = ([f"--node-count={job.slices}", f"--node-prefix={job.name}"] if job.slices > 1
                  else [f"--node-id={job.name}"])
-        create = _gcloud(job, "queued-resources", "create", job.name, f"--accelerator-type={job.tpu.accelerator}",
+        create = gcloud(job, "queued-resources", "create", job.name, f"--accelerator-type={job.tpu.accelerator}",
                          f"--runtime-version={runtime}", *shape, *spot)
-        state = shlex.join(_gcloud(job, "queued-resources", "describe", job.name, "--format=value(state.state)"))
+        state = shlex.join(gcloud(job, "queued-resources", "describe", job.name, "--format=value(state.state)"))
         wait = (f"while :; do s=$({state}); echo \"{job.name}: $s\"; case \"$s\" in ACTIVE) exit 0;; "
                 "FAILED|SUSPENDED) exit 1;; esac; sleep 30; done")
         steps = [Step(f"request {job.slices} x {job.tpu.accelerator} (queued)", create),
                  Step("wait until the queued resource is ACTIVE", ["bash", "-c", wait])]
     else:
-        create = _gcloud(job, "tpu-vm", "create", job.name, f"--accelerator-type={job.tpu.accelerator}",
+        create = gcloud(job, "tpu-vm", "create", job.name, f"--accelerator-type={job.tpu.accelerator}",
                          f"--version={runtime}", *spot)
         steps = [Step(f"create {job.tpu.accelerator} ({job.tpu.hosts} host(s))", create)]
     pack = ["git", "-C", job.src, "archive", "--format=tar.gz", "--prefix=moe/", "-o", tarball, "HEAD"]
@@ -181,10 +183,10 @@ def tpu_steps(job: TpuJob) -> list[Step]:
                "curl -LsSf https://astral.sh/uv/install.sh | sh; } && "
                f"cd ~/moe && uv venv -q --python {PYTHON} .venv && uv pip install -q --python .venv/bin/python -e \".[tpu]\"")
     for node in nodes(job):
-        steps.append(Step(f"copy the code to every worker of {node}", _gcloud(
+        steps.append(Step(f"copy the code to every worker of {node}", gcloud(
             job, "tpu-vm", "scp", tarball, f"{node}:moe-src.tar.gz") + ["--worker=all"]))
     steps += [Step(f"install on every worker of {node}", _ssh(job, node, install)) for node in nodes(job)]
-    steps += [Step(f"start train.py on every worker of {node}", _ssh(job, node, train_command(job)))
+    steps += [Step(f"start {' '.join(job.entry)} on every worker of {node}", _ssh(job, node, train_command(job)))
               for node in nodes(job)]
     return steps
 
@@ -192,8 +194,8 @@ def tpu_steps(job: TpuJob) -> list[Step]:
 def tpu_followups(job: TpuJob) -> list[Step]:
     """Printed, never run: follow the logs, stop training, delete the TPU (it bills until deleted)."""
     first = nodes(job)[0]
-    delete = (_gcloud(job, "queued-resources", "delete", job.name, "--force", "--quiet") if job.queued
-              else _gcloud(job, "tpu-vm", "delete", job.name, "--quiet"))
+    delete = (gcloud(job, "queued-resources", "delete", job.name, "--force", "--quiet") if job.queued
+              else gcloud(job, "tpu-vm", "delete", job.name, "--quiet"))
     return [Step("follow worker 0's log (--worker=all for every host)",
                  _ssh(job, first, f"tail -n 100 -f {LOG_DIR}/worker-*.log", worker="0")),
             *[Step(f"stop training on {n}", _ssh(job, n, f"kill $(cat {LOG_DIR}/train.pid)")) for n in nodes(job)],
@@ -225,9 +227,13 @@ def run_steps(steps: Sequence[Step], runner: Callable[[list[str]], None] = defau
 
 def sbatch_script(nodes: int, gpus_per_node: int, train_args: Sequence[str], *, job_name: str = "moe",
                   time: str = "24:00:00", partition: str = "", account: str = "", cpus_per_task: int = 8,
-                  python: str = ".venv/bin/python") -> str:
+                  python: str = ".venv/bin/python", entry: Sequence[str] = ("train.py",),
+                  array: Sequence[str] = (), parallel: int = 0, before: Sequence[str] = ()) -> str:
     """A SLURM batch script: one task per GPU, because jax's SlurmCluster gives each process the single
-    local device SLURM_LOCALID; so every task must see all its node's GPUs (no --gpus-per-task binding)."""
+    local device SLURM_LOCALID; so every task must see all its node's GPUs (no --gpus-per-task binding).
+    With `array` (one label per array task; a sweep's point names) it is a job array of len(array) tasks,
+    at most `parallel` at once (0: no limit); `$POINT` holds the task's label and `before` lines run ahead of
+    srun (a sweep's skip rule)."""
     if nodes < 1 or gpus_per_node < 1 or cpus_per_task < 1:
         raise LaunchError(f"--nodes {nodes}, --gpus-per-node {gpus_per_node}, --cpus-per-task {cpus_per_task}: "
                           "each must be >= 1")
@@ -238,9 +244,13 @@ def sbatch_script(nodes: int, gpus_per_node: int, train_args: Sequence[str], *, 
         raise LaunchError(f"--time {time!r}: expected SLURM time such as 24:00:00 or 2-00:00:00")
     head = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={gpus_per_node}",
             f"--gpus-per-node={gpus_per_node}", f"--cpus-per-task={cpus_per_task}", f"--time={time}",
-            "--output=%x-%j.out"]
+            "--output=%x-%A_%a.out" if array else "--output=%x-%j.out"]
+    if array:
+        head.append(f"--array=0-{len(array) - 1}" + (f"%{parallel}" if parallel > 0 else ""))
     head += [f"--partition={partition}"] * bool(partition) + [f"--account={account}"] * bool(account)
-    srun = ["srun", "--kill-on-bad-exit=1", "--output=moe-logs/%x-%j-task%t.log", python, "train.py", *train_args]
+    srun = ["srun", "--kill-on-bad-exit=1", "--output=moe-logs/%x-%j-task%t.log", python, *entry, *train_args]
+    pick = ([f"POINTS=({' '.join(shlex.quote(a) for a in array)})", 'POINT="${POINTS[$SLURM_ARRAY_TASK_ID]}"']
+            if array else [])
     return "\n".join([
         "#!/bin/bash",
         f"# {nodes} node(s) x {gpus_per_node} GPU(s) = {nodes * gpus_per_node} JAX processes, one per GPU.",
@@ -248,8 +258,9 @@ def sbatch_script(nodes: int, gpus_per_node: int, train_args: Sequence[str], *, 
         *(f"#SBATCH {h}" for h in head),
         "set -euo pipefail",
         "mkdir -p moe-logs  # per-task logs (srun opens them after this line runs)",
+        *pick, *before,
         "# a dead rank would leave the others blocked in a collective: --kill-on-bad-exit ends the job",
-        shlex.join(srun), ""])
+        shlex.join(srun).replace("'$POINT'", '"$POINT"'), ""])
 
 
 def _parser() -> argparse.ArgumentParser:

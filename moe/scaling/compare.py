@@ -14,11 +14,11 @@ is near-uniform noise, and an un-biased router can start collapsed). docs/routin
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from moe.runtime import storage
 from moe.scaling.sweep import Sweep
 from moe.train.metrics import read_metrics
 
@@ -41,10 +41,10 @@ def _series(records: list[dict], key: str) -> dict[int, float]:
     return out
 
 
-def _warmup(run_dir: Path) -> int:
+def _warmup(run_dir: str) -> int:
     """The run's optim.warmup_steps, from the resolved config it wrote (0 if it has none yet)."""
     try:
-        return int(yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["warmup_steps"])
+        return int(yaml.safe_load(storage.read_text(storage.join(run_dir, "config.yaml")))["optim"]["warmup_steps"])
     except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
         return 0
 
@@ -61,17 +61,17 @@ def _mean_spread(vals: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(vals), (max(vals) - min(vals)) / 2
 
 
-def compare(sweep: Sweep, workdir: Path) -> list[dict[str, Any]]:
+def compare(sweep: Sweep, workdir: str) -> list[dict[str, Any]]:
     """One row per variant (in sweep order) with its figures and per-seed curves."""
     shared = set.intersection(*(set(p.overrides) for p in sweep.points)) if sweep.points else set()
     variants: dict[str, dict[str, Any]] = {}
     for p in sweep.points:
         label = _label(p.overrides, shared)
         v = variants.setdefault(label, {"variant": label, "runs": []})
-        records = read_metrics(workdir / p.name) if (workdir / p.name / "metrics.jsonl").exists() else []
+        records = read_metrics(storage.join(workdir, p.name))  # [] before the run logged anything
         steps = max((r["step"] for r in records), default=0)
         train_records = [r for r in records if "tokens_per_sec" in r]
-        warmup = _warmup(workdir / p.name)
+        warmup = _warmup(storage.join(workdir, p.name))
         evals = [r for r in records if r.get("eval_loss") is not None]
         load = _series(train_records, "load_imbalance")
         v["runs"].append({
@@ -99,7 +99,7 @@ def _fmt(mean: float | None, spread: float | None, digits: int) -> str:
     return f"{mean:.{digits}f} ± {spread:.{digits}f}" if spread else f"{mean:.{digits}f}"
 
 
-def write_compare(rows: list[dict], workdir: Path) -> str:
+def write_compare(rows: list[dict], workdir: str) -> str:
     """compare.md (the table) and plots/compare_<metric>.png (mean over seeds vs step); returns the table."""
     head = ("| variant | seeds | eval loss | max/mean load, last 25% | worst max/mean load | drop fraction, "
             "last 25% | tokens/s |")
@@ -109,19 +109,19 @@ def write_compare(rows: list[dict], workdir: Path) -> str:
                   f"{_fmt(r['load_tail'], r['load_tail_spread'], 3)} | {_fmt(r['load_worst'], r['load_worst_spread'], 2)} | "
                   f"{_fmt(r['drop_tail'], r['drop_tail_spread'], 4)} | {_fmt(r['tokens_per_sec'], None, 0)} |")
     table = "\n".join(md)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "compare.md").write_text(table + "\n\n± is half the range over seeds.\n")
-    _plot(rows, workdir / "plots")
+    storage.write_text(storage.join(workdir, "compare.md"), table + "\n\n± is half the range over seeds.\n")
+    _plot(rows, storage.join(workdir, "plots"))
     return table
 
 
-def _plot(rows: list[dict], folder: Path) -> None:
+def _plot(rows: list[dict], folder: str) -> None:
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
     for key in CURVES:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for r in rows:
@@ -137,5 +137,7 @@ def _plot(rows: list[dict], folder: Path) -> None:
         ax.legend(fontsize=7)
         ax.set_title(f"{key}, mean over seeds")
         fig.tight_layout()
-        fig.savefig(folder / f"compare_{key}.png", dpi=110)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
+        storage.write_bytes(storage.join(folder, f"compare_{key}.png"), buf.getvalue())

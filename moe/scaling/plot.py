@@ -6,7 +6,7 @@ Owns: drawing only. Inputs are the rows of `moe.scaling.collect` and the fit dic
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import matplotlib
 
@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # headless: CI and TPU VMs have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moe.runtime import storage  # noqa: E402
 from moe.scaling.fit import chinchilla_loss  # noqa: E402
 
 
@@ -21,15 +22,17 @@ def _done(rows: list[dict], n_key: str) -> list[dict]:
     return [r for r in rows if r["status"] == "done" and r["eval_loss"] is not None and r[n_key]]
 
 
-def _save(fig, path: Path) -> Path:
-    """Writes the figure and frees it (pyplot keeps every open figure alive otherwise)."""
+def _save(fig, path: str) -> str:
+    """Writes the figure (a local path or a bucket URL) and frees it (pyplot keeps every open figure alive)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    storage.write_bytes(path, buf.getvalue())
     return path
 
 
-def plot_loss_vs_n(rows: list[dict], fit: dict | None, path: Path, n_key: str = "N_active") -> Path:
+def plot_loss_vs_n(rows: list[dict], fit: dict | None, path: str, n_key: str = "N_active") -> str:
     """Final eval loss against N, one colour per token (or compute) budget; the Chinchilla curve
     L(N, D) at each budget's token count when a fit is given."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -53,7 +56,7 @@ def plot_loss_vs_n(rows: list[dict], fit: dict | None, path: Path, n_key: str = 
     return _save(fig, path)
 
 
-def plot_isoflop(fit: dict, rows: list[dict], path: Path, n_key: str = "N_active") -> Path:
+def plot_isoflop(fit: dict, rows: list[dict], path: str, n_key: str = "N_active") -> str:
     """IsoFLOP curves (Chinchilla fig. 3): loss vs ln N per budget, fitted parabola and its vertex."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     done = _done(rows, n_key)
@@ -79,7 +82,7 @@ def plot_isoflop(fit: dict, rows: list[dict], path: Path, n_key: str = "N_active
     return _save(fig, path)
 
 
-def plot_residuals(fit: dict, rows: list[dict], path: Path) -> Path:
+def plot_residuals(fit: dict, rows: list[dict], path: str) -> str:
     """Residuals log L - log L_hat (Chinchilla) or log10 (MoE) against each fitted point."""
     by_name = {r["name"]: r for r in rows}
     pts = [by_name[n] for n in fit["points"]]
@@ -93,15 +96,14 @@ def plot_residuals(fit: dict, rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_all(rows: list[dict], fits: dict[str, dict], outdir: Path) -> list[Path]:
+def plot_all(rows: list[dict], fits: dict[str, dict], outdir: str) -> list[str]:
     """Every figure the data supports; returns the PNG paths written."""
-    outdir.mkdir(parents=True, exist_ok=True)
     chin = fits.get("chinchilla")
     n_key = "N_total" if (chin or {}).get("n_param") == "total" else "N_active"
-    out = [plot_loss_vs_n(rows, chin, outdir / "loss_vs_n.png", n_key)]
+    out = [plot_loss_vs_n(rows, chin, storage.join(outdir, "loss_vs_n.png"), n_key)]
     if "isoflop" in fits:
-        out.append(plot_isoflop(fits["isoflop"], rows, outdir / "isoflop.png"))
+        out.append(plot_isoflop(fits["isoflop"], rows, storage.join(outdir, "isoflop.png")))
     for form in ("chinchilla", "moe"):
         if form in fits:
-            out.append(plot_residuals(fits[form], rows, outdir / f"residuals_{form}.png"))
+            out.append(plot_residuals(fits[form], rows, storage.join(outdir, f"residuals_{form}.png")))
     return out

@@ -1,13 +1,18 @@
 """Scaling-law sweeps: one sweep file -> many train.py runs -> one table -> fits -> plots.
 
-Owns: the sequential resumable runner, launch-command emission, the results table and the CLI. The
-sweep-file format, expansion and run names live in `moe.scaling.sweep`, the numerics in `moe.scaling.fit`, the
-figures in `moe.scaling.plot`. Must not touch a run's internals: each point is an ordinary `train.py` run
-with its own workdir and `summary.json`.
+Owns: the CLI, local launch lines and the results table. The sweep-file format, expansion and run names live
+in `moe.scaling.sweep`; running one point, its state and the skip rule in `moe.scaling.points`; the TPU
+queued-resource script and the SLURM job array in `moe.scaling.cluster`; the numerics in `moe.scaling.fit`,
+the figures in `moe.scaling.plot`. Must not touch a run's internals: each point is an ordinary `train.py` run
+with its own workdir and `summary.json`. Every command reads and writes the sweep's workdir through
+moe/runtime/storage.py, so it may be a bucket (gs://...) as well as a folder.
 
     python -m moe.scaling run configs/sweeps/tiny_sizes.yaml            # runs/sweeps/tiny_sizes/<point>/
-    python -m moe.scaling emit configs/sweeps/glam_isoflop.yaml --tpu v5p --zone us-east5-a --type v5p-128 \
-        --workdir gs://bucket/sweeps/glam_isoflop
+    python -m moe.scaling emit configs/sweeps/glam_isoflop.yaml --tpu iso --zone us-east5-a --type v5p-128 \
+        --workdir gs://bucket/sweeps/glam_isoflop --parallel 4 > sweep.sh   # then: bash sweep.sh (re-runnable)
+    python -m moe.scaling emit configs/sweeps/glam_isoflop.yaml --slurm --nodes 2 --gpus-per-node 8 \
+        --workdir gs://bucket/sweeps/glam_isoflop > sweep.sbatch             # then: sbatch sweep.sbatch
+    python -m moe.scaling status configs/sweeps/glam_isoflop.yaml --workdir gs://bucket/sweeps/glam_isoflop
     python -m moe.scaling collect configs/sweeps/tiny_sizes.yaml        # results.csv + results.md
     python -m moe.scaling fit configs/sweeps/tiny_sizes.yaml --form chinchilla --target-flops 1e21
     python -m moe.scaling plot configs/sweeps/tiny_sizes.yaml           # plots/*.png
@@ -18,27 +23,29 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
-import subprocess
+import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
 
 import moe.scaling.sweep
 from moe.config import ConfigError, apply_overrides, from_dict, is_moe, read_preset
+from moe.runtime import storage
+from moe.scaling.points import _cell, read_json, read_summary, run_sweep  # noqa: F401 (run_sweep: the API)
 from moe.scaling.sweep import Sweep, SweepError, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 
-# --- running ---------------------------------------------------------------------------------------
+# --- emission --------------------------------------------------------------------------------------
 
 
-def read_summary(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
+def emit_commands(sweep: Sweep, workdir: str) -> list[str]:
+    """One local `train.py` line per point (for a cluster, `emit --tpu` / `--slurm`: moe/scaling/cluster.py)."""
+    import shlex
+
+    return [shlex.join(["python", "train.py", "--config", _rel(sweep.base), "--workdir",
+                        storage.join(workdir, p.name), *p.overrides]) for p in sweep.points]
 
 
 def _rel(path: Path) -> str:
@@ -48,70 +55,13 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def _tail(log: Path, lines: int = 3) -> str:
-    text = [x for x in log.read_text(errors="replace").splitlines() if x.strip()] if log.exists() else []
-    return " | ".join(text[-lines:])
-
-
-def run_sweep(sweep: Sweep, workdir: Path, *, env: dict | None = None, echo: Callable[[str], None] = print) -> int:
-    """Runs every point in order: finished ones (summary.json done) are skipped, unfinished ones resume
-    (train.py resumes from the workdir's checkpoints), a failing one is recorded and the sweep goes on.
-
-    Returns 0 when every point is done, else 1. Each point's outcome is in <workdir>/<name>/point.json.
-    """
-    failed, n = [], len(sweep.points)
-    for i, p in enumerate(sweep.points, 1):
-        run_dir = workdir / p.name
-        summary = read_summary(run_dir)
-        if summary and summary.get("done"):
-            echo(f"[{i}/{n}] {p.name}: done already (eval_loss {_cell(summary.get('eval_loss'))})")
-            continue
-        resumed = run_dir.is_dir() and (run_dir / "checkpoints").is_dir()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(REPO / "train.py"), "--config", str(sweep.base), "--workdir", str(run_dir),
-               *p.overrides, "train.progress=false"]  # a progress bar in a log file is noise
-        t0 = time.time()
-        with open(run_dir / "train.log", "a") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-            log.flush()
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
-        summary = read_summary(run_dir)
-        ok = rc == 0 and bool(summary and summary.get("done"))
-        status = "done" if ok else ("interrupted" if rc == 75 else "failed")
-        record = {"name": p.name, "status": status, "returncode": rc, "overrides": list(p.overrides),
-                  "size": p.size, "budget_tokens": p.budget_tokens, "budget_flops": p.budget_flops,
-                  "attempt_wall_s": round(time.time() - t0, 1), "error": "" if ok else _tail(run_dir / "train.log")}
-        (run_dir / "point.json").write_text(json.dumps(record, indent=1))
-        how = "resumed, " if resumed else ""
-        if ok:
-            echo(f"[{i}/{n}] {p.name}: done ({how}eval_loss {_cell(summary.get('eval_loss'))}, {record['attempt_wall_s']}s)")
-        else:
-            failed.append(p.name)
-            echo(f"[{i}/{n}] {p.name}: {status.upper()} (exit {rc}; {how}log {_rel(run_dir / 'train.log')}): {record['error']}")
-    echo(f"{n} points: {n - len(failed)} done, {len(failed)} not done" + (f": {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
-
-
-def emit_commands(sweep: Sweep, workdir: str, tpu: dict | None = None) -> list[str]:
-    """One shell line per point: local train.py, or `python -m moe.launch tpu ... -- <train args>`."""
-    import shlex
-
-    lines = []
-    for p in sweep.points:
-        args = ["--config", _rel(sweep.base), "--workdir", f"{workdir.rstrip('/')}/{p.name}", *p.overrides]
-        head = ["python", "train.py"] if tpu is None else [
-            "python", "-m", "moe.launch", "tpu", "--name", tpu["name"], "--zone", tpu["zone"], "--type", tpu["type"], "--"]
-        lines.append(shlex.join(head + args))
-    return lines
-
-
 # --- results table ---------------------------------------------------------------------------------
 
 COLUMNS = ("name", "status", "size", "N_total", "N_active", "E", "tokens", "flops", "eval_loss", "bits_per_byte",
            "wall_time_s", "budget_tokens", "budget_flops")
 
 
-def collect(sweep: Sweep, workdir: Path) -> list[dict]:
+def collect(sweep: Sweep, workdir: str | os.PathLike) -> list[dict]:
     """One row per point; N, E, tokens and FLOPs come from summary.json, the planned config otherwise."""
     base_tree = read_preset(sweep.base)
     rows = []
@@ -124,17 +74,14 @@ def collect(sweep: Sweep, workdir: Path) -> list[dict]:
             row["E"] = cfg.model.num_experts if is_moe(cfg.model) else 1
         except ConfigError:
             cfg = None
-        s = read_summary(workdir / p.name)
+        s = read_summary(storage.join(workdir, p.name))
         if s and s.get("done"):
             loss = s.get("eval_loss") if s.get("eval_loss") is not None else s.get("loss")
             row.update(status="done", N_total=s["params_total"], N_active=s["params_active"], tokens=s["tokens"],
                        flops=s["flops"], eval_loss=loss, bits_per_byte=s.get("bits_per_byte"),
                        wall_time_s=s.get("wall_time_s"))
         else:
-            try:
-                row["status"] = json.loads((workdir / p.name / "point.json").read_text())["status"]
-            except (OSError, ValueError, KeyError):
-                row["status"] = "pending"
+            row["status"] = (read_json(storage.join(workdir, p.name, "point.json")) or {}).get("status", "pending")
             if cfg is not None:
                 from moe.model.decoder import param_counts
 
@@ -144,24 +91,16 @@ def collect(sweep: Sweep, workdir: Path) -> list[dict]:
     return rows
 
 
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
-    return str(v)
-
-
-def write_table(rows: list[dict], workdir: Path) -> str:
-    """Writes results.csv and results.md under workdir; returns the markdown."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+def write_table(rows: list[dict], workdir: str | os.PathLike) -> str:
+    """Writes results.csv and results.md under workdir (a folder or a bucket); returns the markdown."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    storage.write_text(storage.join(workdir, "results.csv"), buf.getvalue())
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
-    (workdir / "results.md").write_text("\n".join(md) + "\n")
+    storage.write_text(storage.join(workdir, "results.md"), "\n".join(md) + "\n")
     return "\n".join(md)
 
 
@@ -211,36 +150,83 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moe.scaling", description=__doc__ + "\n" + moe.scaling.sweep.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for cmd in ("run", "emit", "collect", "fit", "plot", "compare"):
+    for cmd in ("run", "point", "status", "emit", "collect", "fit", "plot", "compare"):
         s = sub.add_parser(cmd)
         s.add_argument("sweep")
-        s.add_argument("--workdir", default="", help="sweep folder (default runs/sweeps/<sweep name>)")
+        s.add_argument("--workdir", default="", help="sweep folder or bucket URL (default runs/sweeps/<sweep name>)")
+        if cmd in ("point", "status"):
+            s.add_argument("--point", default="", required=cmd == "point",
+                           help="one point's name" + ("; status prints its state, exit 0 iff done" * (cmd == "status")))
+        if cmd == "status":
+            s.add_argument("--since", type=float, default=0.0, help="with --point: ignore attempts started before "
+                           "this Unix time (a scheduler polling the attempt it just launched)")
         if cmd == "emit":
-            for f in ("--tpu", "--zone", "--type"):
-                s.add_argument(f, default="", help="emit moe.launch.jobs tpu lines (all three needed)")
+            s.add_argument("--tpu", default="", metavar="PREFIX",
+                           help="a bash script: one queued resource PREFIX-<i> per point (needs --zone, --type)")
+            s.add_argument("--zone", default="")
+            s.add_argument("--type", default="", help="TPU type per point, e.g. v5p-128")
+            s.add_argument("--slices", type=int, default=1, help="multislice: slices per point")
+            s.add_argument("--spot", action="store_true")
+            s.add_argument("--project", default="")
+            s.add_argument("--retries", type=int, default=3, help="re-launches of an interrupted (preempted) point")
+            s.add_argument("--slurm", action="store_true", help="an sbatch job array, one task per point")
+            s.add_argument("--nodes", type=int, default=1)
+            s.add_argument("--gpus-per-node", type=int, default=8)
+            s.add_argument("--time", default="24:00:00")
+            s.add_argument("--partition", default="")
+            s.add_argument("--account", default="")
+            s.add_argument("--parallel", type=int, default=0, help="points at a time (TPU default 1, SLURM no limit)")
         if cmd == "fit":
             s.add_argument("--form", default="chinchilla", choices=("chinchilla", "isoflop", "moe"))
             s.add_argument("--target-flops", type=float, default=None, help="predict N*, D*, loss at this budget")
             s.add_argument("--params", default="active", choices=("active", "total"), help="N in the law")
             s.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals")
     a = ap.parse_args(argv)
+    from moe.launch.jobs import LaunchError
+    from moe.scaling import cluster, points
     from moe.scaling.fit import FitError
 
     try:
         sweep = load_sweep(a.sweep)
-        workdir = Path(a.workdir or f"runs/sweeps/{sweep.name}")
+        workdir = a.workdir or f"runs/sweeps/{sweep.name}"
+        storage.scheme(workdir)
+        if not storage.is_url(workdir):
+            workdir = os.path.abspath(workdir)
         if a.cmd == "run":
-            return run_sweep(sweep, workdir.resolve())
+            return run_sweep(sweep, workdir)
+        if a.cmd in ("point", "status") and a.point:
+            by_name = {p.name: p for p in sweep.points}
+            if a.point not in by_name:
+                raise SweepError(f"--point {a.point!r} is not a point of {a.sweep} ({len(by_name)} points; "
+                                 "`python -m moe.scaling status` lists them)")
+            if a.cmd == "point":
+                status, rc, error = points.run_point(sweep, by_name[a.point], workdir)
+                print(f"{a.point}: {status}" + (f" (exit {rc}): {error}" if rc else ""))
+                return rc
+            state = points.point_state(workdir, by_name[a.point], since=a.since)["state"]
+            print(state)
+            return 0 if state == "done" else 1
+        if a.cmd == "status":
+            print(points.format_status(points.sweep_status(sweep, workdir)))
+            return 0
         if a.cmd == "emit":
-            tpu = {"name": a.tpu, "zone": a.zone, "type": a.type} if a.tpu else None
-            if tpu and not (a.zone and a.type):
-                raise SweepError("emit --tpu needs --zone and --type too")
-            print("\n".join(emit_commands(sweep, a.workdir or f"runs/sweeps/{sweep.name}", tpu)))
+            if a.tpu:
+                if not (a.zone and a.type):
+                    raise SweepError("emit --tpu needs --zone and --type too")
+                print(cluster.tpu_script(sweep, workdir, prefix=a.tpu, zone=a.zone, tpu_type=a.type, slices=a.slices,
+                                         spot=a.spot, project=a.project, parallel=a.parallel or 1,
+                                         retries=a.retries), end="")
+            elif a.slurm:
+                print(cluster.slurm_script(sweep, workdir, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
+                                           parallel=a.parallel, time=a.time, partition=a.partition,
+                                           account=a.account), end="")
+            else:
+                print("\n".join(emit_commands(sweep, workdir)))
             return 0
         if a.cmd == "compare":
             from moe.scaling.compare import compare, write_compare
 
-            print(write_compare(compare(sweep, workdir), workdir) + f"\nwrote {workdir / 'compare.md'}")
+            print(write_compare(compare(sweep, workdir), workdir) + f"\nwrote {storage.join(workdir, 'compare.md')}")
             return 0
         rows = collect(sweep, workdir)
         if a.cmd == "collect":
@@ -248,17 +234,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if a.cmd == "fit":
             fit = fit_rows(rows, a.form, params=a.params, target_flops=a.target_flops, bootstrap=a.bootstrap)
-            (workdir / f"fit_{a.form}.json").write_text(json.dumps(fit, indent=1))
-            print(format_fit(fit) + f"\nwrote {workdir / f'fit_{a.form}.json'}")
+            out = storage.join(workdir, f"fit_{a.form}.json")
+            storage.write_text(out, json.dumps(fit, indent=1))
+            print(format_fit(fit) + f"\nwrote {out}")
             return 0
         from moe.scaling.plot import plot_all
 
-        fits = {f: json.loads((workdir / f"fit_{f}.json").read_text())
-                for f in ("chinchilla", "isoflop", "moe") if (workdir / f"fit_{f}.json").exists()}
-        for p in plot_all(rows, fits, workdir / "plots"):
+        fits = {f: read_json(storage.join(workdir, f"fit_{f}.json")) for f in ("chinchilla", "isoflop", "moe")}
+        for p in plot_all(rows, {k: v for k, v in fits.items() if v}, storage.join(workdir, "plots")):
             print(f"wrote {p}")
         return 0
-    except (SweepError, FitError, ConfigError) as e:
+    except (SweepError, FitError, ConfigError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
