@@ -240,7 +240,12 @@ class Corpus:
 
 @contextlib.contextmanager
 def file_lock(directory: str, name: str):
-    """Exclusive file lock so concurrent runs (or test workers) build a dataset once, not twice at once."""
+    """Exclusive file lock so concurrent runs (or test workers) build a dataset once, not twice at once. A bucket
+    (a URL) has no locks: concurrent builders there may both build, and each writes whole objects (TFDS
+    prepares into a temporary folder and renames it; the tokenizer is one object), so readers never see half."""
+    if "://" in directory:
+        yield
+        return
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, f".{name}.lock"), "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)

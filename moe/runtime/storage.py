@@ -23,6 +23,7 @@ gs:// / s3:// / az://, the local path for file://.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -184,6 +185,22 @@ def check_writable(p, what: str = "--workdir") -> None:
                            "attributes, or pass another location") from None
 
 
+def _remove_stale_staging() -> None:
+    """Staging folders of processes that died without closing their Mirror (kill -9): what they held was
+    uploaded at their last sync, or belongs to steps after their last checkpoint, which the resume redoes."""
+    root = tempfile.gettempdir()
+    for entry in os.listdir(root):
+        m = re.fullmatch(r"moe-staging-(\d+)-.*", entry)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 class Mirror:
     """Files that grow by appends, for a workdir that may be a bucket: written under `local_root` and, for a
     URL workdir, uploaded whole by `sync` (changed files only). For a local workdir `local_root` is the
@@ -194,7 +211,9 @@ class Mirror:
     def __init__(self, workdir: str):
         self.workdir = os.fspath(workdir)
         self.remote = is_url(self.workdir)
-        self.local_root = tempfile.mkdtemp(prefix="moe-staging-") if self.remote else self.workdir
+        if self.remote:
+            _remove_stale_staging()
+        self.local_root = tempfile.mkdtemp(prefix=f"moe-staging-{os.getpid()}-") if self.remote else self.workdir
         self._sent: dict[str, tuple[int, int]] = {}
         self._last = time.monotonic()
 

@@ -40,9 +40,18 @@ def _point_args(sweep_file: str, workdir: str, name: str) -> list[str]:
     return ["-m", "moe.scaling", "point", sweep_file, "--workdir", workdir, "--point", name]
 
 
-def tpu_script(sweep: Sweep, workdir: str, *, prefix: str, zone: str, tpu_type: str, slices: int = 1,
+def preset_slices(sweep: Sweep, point) -> int:
+    """The slices a point's config asks for: its `mesh.dcn_data` (the data-parallel ways across slices)."""
+    from moe.config import apply_overrides, read_preset
+
+    tree = apply_overrides(read_preset(sweep.base), list(point.overrides))
+    return int((tree.get("mesh") or {}).get("dcn_data", 1) or 1)
+
+
+def tpu_script(sweep: Sweep, workdir: str, *, prefix: str, zone: str, tpu_type: str, slices: int = 0,
                spot: bool = False, project: str = "", parallel: int = 1, retries: int = 3) -> str:
-    """The bash script that runs the whole sweep on queued resources (see the module docstring)."""
+    """The bash script that runs the whole sweep on queued resources (see the module docstring). `slices` 0:
+    each point gets the slices its config asks for (mesh.dcn_data; multislice when > 1)."""
     if not storage.is_url(workdir):
         raise SweepError(f"--workdir {workdir!r}: a TPU sweep needs a workdir every host shares, a bucket URL "
                          "(gs://B/PATH; or file:// on storage every host mounts): every host of every point writes "
@@ -54,14 +63,15 @@ def tpu_script(sweep: Sweep, workdir: str, *, prefix: str, zone: str, tpu_type: 
     status = f"{py} -m moe.scaling status {shlex.quote(sweep_file)} --workdir {shlex.quote(workdir)} --point"
     body = ["#!/bin/bash",
             f"# sweep {sweep.name}: {len(sweep.points)} points, each on its own queued resource {prefix}-<i> "
-            f"({slices} x {tpu_type}{', spot' if spot else ''}), {parallel} at a time.",
+            f"({f'{slices} x ' if slices else ''}{tpu_type}{', spot' if spot else ''}), {parallel} at a time.",
             f"# Re-run this script to resume: points whose {workdir}/<point>/summary.json says done are skipped.",
             f"# Progress: {status.rsplit(' --point', 1)[0]}",
             "# Run it from the repository root (it ships the committed HEAD, like python -m moe.launch tpu).",
             "set -uo pipefail", f"PARALLEL=${{PARALLEL:-{parallel}}}", f"RETRIES=${{RETRIES:-{retries}}}", ""]
     for i, p in enumerate(sweep.points):
         args = _point_args(sweep_file, workdir, p.name)
-        job = jobs.make_job(f"{prefix}-{i}", zone, tpu_type, args[3:], slices=slices, spot=spot, queued=True,
+        n = slices or preset_slices(sweep, p)
+        job = jobs.make_job(f"{prefix}-{i}", zone, tpu_type, args[3:], slices=n, spot=spot, queued=True,
                             project=project, src=".", entry=args[:3])
         delete = jobs.tpu_followups(job)[-1].argv
         qstate = shlex.join(jobs.gcloud(job, "queued-resources", "describe", job.name, "--format=value(state.state)"))

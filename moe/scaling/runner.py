@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                            help="a bash script: one queued resource PREFIX-<i> per point (needs --zone, --type)")
             s.add_argument("--zone", default="")
             s.add_argument("--type", default="", help="TPU type per point, e.g. v5p-128")
-            s.add_argument("--slices", type=int, default=1, help="multislice: slices per point")
+            s.add_argument("--slices", type=int, default=0, help="slices per point (default: the preset's mesh.dcn_data)")
             s.add_argument("--spot", action="store_true")
             s.add_argument("--project", default="")
             s.add_argument("--retries", type=int, default=3, help="re-launches of an interrupted (preempted) point")
