@@ -139,7 +139,8 @@ class DataConfig:
     text_key: str = f("text", "feature (or JSON field) holding the document text")
     train_split: str = f("train", "split to train on")
     eval_split: str = f("validation", "split to evaluate on")
-    tokenizer: str = f("", "path to a SentencePiece .model; \"\" = train one on the source and cache it")
+    tokenizer: str = f("", "path or bucket URL (gs://...) of a SentencePiece .model; \"\" = train one on the "
+                       "source and cache it ($MOE_CACHE_DIR, may be a bucket)")
     validation_fraction: float = f(0.05, "builtin/files: fraction of documents held out (by a stable hash)",
                                    Range(0, 1, lo_open=True, hi_open=True))
     shuffle_buffer: int = f(1024, "documents shuffled before packing (in addition to a global shuffle)", ATLEAST1)

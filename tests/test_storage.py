@@ -291,3 +291,20 @@ def test_tpu_sweep_points_get_the_slices_their_config_asks_for():
         assert forced.count("--node-count=4") == 2
     finally:
         path.unlink()
+
+
+def test_the_tokenizer_and_its_cache_in_a_bucket(tmp_path, monkeypatch):
+    from moe.config import load_config
+    from moe.data.tokenizer import load_tokenizer
+
+    cfg = load_config("configs/tiny.yaml", ["model.vocab_size=1024"])
+    monkeypatch.setenv("MOE_CACHE_DIR", url(tmp_path / "cache"))  # trained once, written into the bucket
+    first = load_tokenizer(cfg)
+    assert first.path.startswith(url(tmp_path / "cache") + "/tokenizer-") and first.path.endswith("-v1024.model")
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(first.path)]  # no lock file, no temporary left
+    mtime = (tmp_path / "cache" / os.path.basename(first.path)).stat().st_mtime_ns
+    again = load_tokenizer(cfg)  # read back from the bucket, not retrained
+    assert (tmp_path / "cache" / os.path.basename(first.path)).stat().st_mtime_ns == mtime
+    assert again.encode("def f(x):\n    return x\n") == first.encode("def f(x):\n    return x\n")
+    given = load_config("configs/tiny.yaml", ["model.vocab_size=1024", f"data.tokenizer={first.path}"])
+    assert load_tokenizer(given).token_bytes().tolist() == first.token_bytes().tolist()
