@@ -77,7 +77,7 @@ def eval_config(cfg: config.Config, batch_size: int | None, ways: int) -> config
     return config.replace(cfg, model=model, train={"batch_size": bs}, optim={"grad_accum": 1})
 
 
-def _eval_mesh(cfg: config.Config):
+def eval_mesh(cfg: config.Config):
     """The run's mesh if it fits the devices present now, else plain data parallelism over all of them."""
     try:
         return make_mesh(cfg.mesh)
@@ -120,7 +120,7 @@ def load_run(workdir: str, step: int | None = None, *, batch_size: int | None = 
     steps = checkpoint_steps(workdir)
     if step is not None and step not in steps:
         raise EvalError(f"step {step} not in '{workdir}/checkpoints'; available: {steps}")
-    mesh = _eval_mesh(cfg)
+    mesh = eval_mesh(cfg)
     cfg = eval_config(cfg, batch_size, batch_ways(mesh))
     setup = train_steps.build(cfg, mesh)
     run = Run(workdir, cfg, tok, setup, None, -1)

@@ -1,0 +1,136 @@
+"""Hugging Face export against transformers itself: a folder we write is loaded by
+`AutoModelForCausalLM.from_pretrained` in a separate Python 3.11 environment with torch (.venv-hf, built by
+`make test`; torch has a CPU wheel here only for 3.11), and its log-softmax must equal ours (fp32, our model
+dropless): max |difference| <= 1e-4 and the same argmax everywhere, with eager and with sdpa attention.
+Measured here: 1.0e-6 to 6.7e-6 over the five cases (printed with -s).
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe.config import load_config
+from moe.hf import export, mapping
+from moe.hf.cli import main as hf_main
+from moe.model.decoder import Decoder
+
+REPO = Path(__file__).resolve().parent.parent
+HF_PY = REPO / ".venv-hf" / "bin" / "python"
+TOL = 1e-4  # whole model, fp32
+
+# (name, overrides on configs/tiny.yaml, the class auto must choose)
+CASES = [
+    ("qwen3_moe", ["model.qk_norm=true", "model.ffn_act=geglu", "model.tie_embeddings=true", "model.moe_every=2",
+                   "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=24", "model.d_model=64",
+                   "model.d_ff=48", "model.num_experts=4", "model.vocab_size=96"], "Qwen3MoeForCausalLM"),
+    ("mixtral", ["model.moe_every=1", "model.ffn_act=swiglu", "model.tie_embeddings=false", "model.num_heads=4",
+                 "model.num_kv_heads=2", "model.d_model=64", "model.d_ff=48", "model.num_experts=4",
+                 "model.vocab_size=96", "model.num_layers=2"], "MixtralForCausalLM"),
+    ("qwen2_moe", [], "Qwen2MoeForCausalLM"),  # the default preset (tiny) as it is
+    ("qwen2_moe", ["model.num_kv_heads=2", "model.head_dim=48", "model.d_model=64", "model.d_ff=48",
+                   "model.vocab_size=96", "model.top_k=1", "model.renormalize_gates=false"], "Qwen2MoeForCausalLM"),
+    ("llama", ["model.num_experts=0", "model.d_model=64", "model.d_ff=48", "model.vocab_size=96",
+               "model.tie_embeddings=false"], "LlamaForCausalLM"),
+]
+
+
+def _model(overrides, seed=0):
+    cfg = load_config("configs/tiny.yaml", [*overrides, "model.dispatch=dropless", "model.dtype=float32"]).model
+    model = Decoder(cfg, nnx.Rngs(params=seed))
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    # norms start at exactly 1 and would hide a swapped or missing norm weight: move them off 1
+    flat, tree = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(flat))
+    leaves = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) if "scale" in jax.tree_util.keystr(p) else x
+              for (p, x), k in zip(flat, keys)]
+    return cfg, graphdef, jax.tree.unflatten(tree, leaves)
+
+
+def _ours(cfg, graphdef, params, tokens):
+    logits, _ = nnx.merge(graphdef, params)(jnp.asarray(tokens), train=False)
+    return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+
+
+def _theirs(folder: Path, tokens: np.ndarray, tmp: Path) -> dict:
+    np.save(tmp / "tokens.npy", tokens)
+    p = subprocess.run([str(HF_PY), str(REPO / "tests" / "helpers" / "hf_logits.py"), str(folder),
+                        str(tmp / "tokens.npy"), str(tmp / "out.npz")], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return dict(np.load(tmp / "out.npz"))
+
+
+@pytest.mark.parametrize("name,overrides,cls", CASES, ids=["qwen3_moe", "mixtral", "tiny", "qwen2_moe_gqa", "llama"])
+def test_export_matches_transformers(name, overrides, cls, tmp_path):
+    cfg, graphdef, params = _model(overrides)
+    assert mapping.choose_arch(cfg) == name
+    summary = export.write_folder(cfg, params, str(tmp_path / "hf"), dtype="float32", max_positions=64)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24))
+    ours = _ours(cfg, graphdef, params, tokens)
+    theirs = _theirs(tmp_path / "hf", tokens, tmp_path)
+    assert str(theirs["class"]) == cls
+    for impl in ("eager", "sdpa"):
+        diff = float(np.max(np.abs(theirs[impl] - ours)))
+        print(f"\n{name} ({impl}): max |log-softmax diff| = {diff:.2e}; {summary['files']} file(s)")
+        assert diff <= TOL
+        assert np.array_equal(theirs[impl].argmax(-1), ours.argmax(-1))
+
+
+def test_sharded_export_writes_an_index_transformers_loads(tmp_path):
+    cfg, graphdef, params = _model(CASES[0][1])
+    s = export.write_folder(cfg, params, str(tmp_path / "hf"), dtype="float32", max_positions=64,
+                            max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert s["files"] > 2 and len(set(index["weight_map"].values())) == s["files"]
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    tokens = np.arange(20).reshape(1, 20) % cfg.vocab_size
+    theirs = _theirs(tmp_path / "hf", tokens, tmp_path)
+    assert float(np.max(np.abs(theirs["eager"] - _ours(cfg, graphdef, params, tokens)))) <= TOL
+
+
+def test_unrepresentable_configs_are_one_line_errors_naming_the_field(tmp_path):
+    for extra, field in ((["model.num_shared_experts=1"], "model.num_shared_experts"),
+                         (["model.router_score=sigmoid", "model.routed_scaling_factor=2.5"], "model.router_score"),
+                         (["model.router_bias_update_rate=1e-3"], "model.router_bias_update_rate")):
+        cfg = load_config("configs/tiny.yaml", extra).model
+        with pytest.raises(mapping.HFError, match=field.replace(".", r"\.")):
+            mapping.choose_arch(cfg)
+    cfg = load_config("configs/tiny.yaml", []).model
+    with pytest.raises(mapping.HFError, match=r"cannot export as mixtral: model\.moe_every=2"):
+        mapping.choose_arch(cfg, "mixtral")
+    with pytest.raises(mapping.HFError, match=r"cannot export as qwen3_moe: model\.qk_norm=false"):
+        mapping.choose_arch(cfg, "qwen3_moe")
+
+
+def test_every_preset_exports_to_some_class():
+    chosen = {p.name: mapping.choose_arch(load_config(str(p), []).model) for p in sorted((REPO / "configs").glob("*.yaml"))}
+    assert set(chosen.values()) <= set(mapping.ARCHS)
+    assert chosen["tiny.yaml"] == "qwen2_moe" and chosen["tiny_dense.yaml"] == "llama"
+
+
+def test_cli_exports_a_trained_run_and_refuses_a_non_empty_out(tmp_path, capsys):
+    import train
+
+    wd = tmp_path / "run"
+    assert train.main(["--workdir", str(wd), "model.num_layers=2", "model.d_model=64", "model.d_ff=128",
+                       "train.batch_size=8", "train.seq_len=64", "train.steps=2", "train.eval_every=0",
+                       "train.eval_batches=1", "train.progress=false", "checkpoint.every=2"]) == 0
+    assert hf_main(["export", "--workdir", str(wd), "--out", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert "step 2 as qwen2_moe (bfloat16" in out
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model"} <= set(
+        os.listdir(tmp_path / "hf"))
+    assert hf_main(["export", "--workdir", str(wd), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists and is not an empty folder" in err[0]
+    assert hf_main(["export", "--workdir", str(wd), "--out", str(tmp_path / "m"), "--arch", "mixtral"]) == 2
+    assert "model.moe_every=2" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # nothing half-written left beside
