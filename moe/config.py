@@ -177,7 +177,8 @@ class TrainConfig:
     eval_every: int = f(100, "steps between validation evals; 0 = only at the end", NONNEG, resume=True)
     eval_batches: int = f(4, "batches per validation eval", ATLEAST1, resume=True)
     seed: int = f(0, "seeds params, data order and router jitter", NONNEG)
-    init_from: str = f("", "checkpoint dir (a workdir or its checkpoints/ folder) to load params from", resume=True)
+    init_from: str = f("", "checkpoint dir (a workdir or its checkpoints/ folder) to load params from; hf:DIR = a "
+                       "Hugging Face Qwen3-MoE/Qwen2-MoE/Mixtral/Qwen3/Llama folder", resume=True)
     spike_factor: float = f(0.0, "roll back when loss > factor * median of the recent window; 0 = off",
                             Range(1, None, lo_open=True, also=(0.0,), text="0 (off) or > 1"), resume=True)
     spike_window: int = f(20, "steps in the median window for spike detection", Range(3), resume=True)

@@ -7,7 +7,9 @@ Measured here: 1.0e-6 to 6.7e-6 over the five cases (printed with -s).
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -134,3 +136,136 @@ def test_cli_exports_a_trained_run_and_refuses_a_non_empty_out(tmp_path, capsys)
     assert hf_main(["export", "--workdir", str(wd), "--out", str(tmp_path / "m"), "--arch", "mixtral"]) == 2
     assert "model.moe_every=2" in capsys.readouterr().err and not (tmp_path / "m").exists()
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # nothing half-written left beside
+
+
+# --- import: checkpoints transformers itself wrote ---------------------------------------------------
+
+HF_MODELS = [  # (model_type, config kwargs): random weights, saved by save_pretrained (Hub layout, fp32)
+    ("qwen3_moe", dict(vocab_size=96, hidden_size=64, intermediate_size=48, moe_intermediate_size=48,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=4,
+                       num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[1, 3], norm_topk_prob=True,
+                       hidden_act="silu", tie_word_embeddings=False, rms_norm_eps=1e-6)),
+    ("mixtral", dict(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                     rms_norm_eps=1e-5, rope_theta=1e6)),
+]
+
+
+def _hf_model(model_type, kwargs, tmp: Path, tokens) -> np.ndarray:
+    np.save(tmp / "tokens.npy", tokens)
+    p = subprocess.run([str(HF_PY), str(REPO / "tests" / "helpers" / "hf_make.py"), model_type, json.dumps(kwargs),
+                        str(tmp / "src"), str(tmp / "tokens.npy"), str(tmp / "src.npz")], capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return np.load(tmp / "src.npz")["logp"]
+
+
+def _load(folder: Path, dtype="float32"):
+    from moe.hf import load
+    from moe.runtime.sharding import make_mesh
+    from moe.train import steps as train_steps
+
+    hf = load.read_config(str(folder))
+    ov = [f"model.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in load.model_overrides(hf).items()]
+    cfg = load_config("configs/tiny.yaml", [*ov, "model.dispatch=dropless", f"model.dtype={dtype}"])
+    setup = train_steps.build(cfg, make_mesh(cfg.mesh))
+    params = load.load_params(cfg.model, str(folder), setup.abstract_state["params"], setup.state_shardings["params"])
+    return cfg.model, setup.graphdef, params
+
+
+@pytest.mark.parametrize("model_type,kwargs", HF_MODELS, ids=[m[0] for m in HF_MODELS])
+def test_import_of_a_transformers_checkpoint_computes_its_function_and_exports_back_bitwise(model_type, kwargs,
+                                                                                            tmp_path):
+    """Measured: max |log-softmax diff| 1e-6 to 5e-6; every tensor of export(import(x)) equal to x's bits."""
+    from safetensors.numpy import load_file
+
+    tokens = np.random.default_rng(1).integers(0, kwargs["vocab_size"], (2, 24))
+    theirs = _hf_model(model_type, kwargs, tmp_path, tokens)
+    cfg, graphdef, params = _load(tmp_path / "src")
+    ours = _ours(cfg, graphdef, params, tokens)
+    diff = float(np.max(np.abs(theirs - ours)))
+    print(f"\nimport {model_type}: max |log-softmax diff| = {diff:.2e}")
+    assert diff <= TOL and np.array_equal(theirs.argmax(-1), ours.argmax(-1))
+    export.write_folder(cfg, params, str(tmp_path / "back"), arch=model_type, dtype="float32", max_positions=64)
+    src, back = load_file(str(tmp_path / "src" / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(src) == sorted(back)
+    assert all(src[k].dtype == back[k].dtype and np.array_equal(src[k].view(np.uint32), back[k].view(np.uint32))
+               for k in src)
+
+
+def test_bad_hf_folders_are_one_line_errors(tmp_path):
+    from moe.hf import load
+
+    tokens = np.zeros((1, 4), np.int64)
+    _hf_model(*HF_MODELS[1], tmp_path, tokens)
+    src = tmp_path / "src"
+
+    def attempt(folder):
+        from moe.runtime.sharding import make_mesh
+        from moe.train import steps as train_steps
+
+        c = load_config("configs/tiny.yaml", [f"model.{k}={json.dumps(v) if isinstance(v, bool) else v}"
+                                              for k, v in load.model_overrides(load.read_config(str(folder))).items()])
+        s = train_steps.build(c, make_mesh(c.mesh))
+        load.load_params(c.model, str(folder), s.abstract_state["params"], s.state_shardings["params"])
+
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    conf = json.loads((src / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(conf, model_type="gpt_oss")))
+    with pytest.raises(load.HFError, match="model_type 'gpt_oss' is not supported"):
+        attempt(bad)
+    (bad / "config.json").write_text(json.dumps(dict(conf, hidden_size=32)))
+    with pytest.raises(load.HFError, match=r"tensor 'model\.\S+' has shape \(\d+, 64\), the config implies \(\d+, 32\)"):
+        attempt(bad)
+    (bad / "config.json").write_text(json.dumps(conf))
+    raw = (src / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(load.HFError, match="model.safetensors"):
+        attempt(bad)
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(load.HFError, match="has no model.safetensors"):
+        attempt(bad)
+
+
+def _train(*args) -> subprocess.CompletedProcess:
+    """train.py in a subprocess on this host's own devices (as a user runs it)."""
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", "").strip())
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_continued_pretraining_from_a_transformers_checkpoint(tmp_path, capsys):
+    """import writes a config; train.py loads the HF weights at its first start (its step-1 loss is not a fresh
+    model's) and resumes from its own checkpoints afterwards, not from the HF folder again."""
+    from moe.train.metrics import read_metrics
+
+    kwargs = dict(HF_MODELS[1][1], vocab_size=1024)  # the built-in corpus's cached 1024-piece tokenizer
+    _hf_model(HF_MODELS[1][0], kwargs, tmp_path, np.zeros((1, 4), np.int64))
+    run = ["train.steps=2", "train.batch_size=8", "train.seq_len=32", "train.eval_every=0", "train.eval_batches=1",
+           "train.progress=false", "checkpoint.every=2", "train.log_every=1"]
+    wd = tmp_path / "cpt"
+    assert hf_main(["import", str(tmp_path / "src"), "--workdir", str(wd), *run, "model.d_ff=64"]) == 2
+    assert "set model.d_ff=48" in capsys.readouterr().err  # the model is the checkpoint's: an override is refused
+    assert hf_main(["import", str(tmp_path / "src"), "--workdir", str(wd), *run]) == 0
+    conf = str(wd / "config.yaml")
+    text = (wd / "config.yaml").read_text()
+    assert f"init_from: hf:{tmp_path / 'src'}" in text and "num_experts: 4" in text and "moe_every: 1" in text
+    first = _train("--config", conf, "--workdir", str(wd))
+    assert first.returncode == 0 and f"initialised params from hf:{tmp_path / 'src'}" in first.stderr, first.stderr[-2000:]
+    fresh = _train("--config", conf, "--workdir", str(tmp_path / "fresh"), "train.init_from=")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    loss1 = lambda w: read_metrics(w)[0]["loss"]  # noqa: E731
+    assert loss1(wd) != loss1(tmp_path / "fresh")
+    again = _train("--config", conf, "--workdir", str(wd), "train.steps=3")
+    assert again.returncode == 0 and "resumed from step 2" in again.stderr and "initialised params" not in again.stderr
+
+
+def test_a_sharded_folder_imports_to_the_same_params(tmp_path):
+    cfg, graphdef, params = _model(CASES[1][1])
+    export.write_folder(cfg, params, str(tmp_path / "hf"), dtype="float32", max_positions=64, max_shard_bytes=150_000)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    _, _, back = _load(tmp_path / "hf")
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params, back)
+    assert all(jax.tree.leaves(same))

@@ -2,6 +2,8 @@
 
     python -m moe.hf export --workdir runs/tiny --out runs/tiny-hf            # newest step, auto class, bf16
     python -m moe.hf export --workdir gs://B/run --step 3000 --out hf/glam --arch qwen2_moe --dtype float32
+    python -m moe.hf import path/to/Qwen3-MoE-folder --workdir runs/cpt --config configs/small.yaml train.steps=2000
+        # then: python train.py --config runs/cpt/config.yaml --workdir runs/cpt   (continued pretraining)
 """
 
 from __future__ import annotations
@@ -34,6 +36,34 @@ def export_run(workdir: str, out: str, *, step: int | None = None, arch: str = "
     return dict(summary, step=got)
 
 
+def import_folder(folder: str, workdir: str, *, preset: str = "configs/tiny.yaml",
+                  overrides: list[str] | None = None) -> str:
+    """Writes WORKDIR/config.yaml: `preset` for everything but the model, the model of FOLDER's config.json,
+    `train.init_from=hf:FOLDER`, the folder's SentencePiece tokenizer (copied) if it has one, then `overrides`.
+    Returns the config path. The first `train.py --config WORKDIR/config.yaml --workdir WORKDIR` loads the
+    weights onto its mesh; later starts resume from the run's own checkpoints."""
+    import os
+
+    from moe import config
+    from moe.hf import load
+    from moe.runtime import storage
+
+    hf = load.read_config(folder)
+    model = load.model_overrides(hf)
+    tree = config.read_preset(preset)
+    tree = dict(tree, model={**tree.get("model", {}), **model},
+                train={**tree.get("train", {}), "init_from": f"hf:{os.path.abspath(folder)}"})
+    if os.path.isfile(os.path.join(folder, "tokenizer.model")):
+        tok = storage.join(workdir, "tokenizer.model")
+        storage.copy_file(os.path.join(folder, "tokenizer.model"), tok)
+        tree = dict(tree, data={**tree.get("data", {}), "tokenizer": tok if storage.is_url(tok) else os.path.abspath(tok)})
+    cfg = config.from_dict(config.apply_overrides(tree, list(overrides or [])))
+    load.matching_config(cfg.model, folder)  # the overrides must not change the model
+    out = storage.join(workdir, "config.yaml")
+    storage.write_text(out, config.dump_yaml(cfg))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moe.hf", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,12 +74,25 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", required=True, help="a new (or empty) folder")
     e.add_argument("--arch", default="auto", help="auto | qwen3_moe | qwen2_moe | mixtral | qwen3 | llama")
     e.add_argument("--dtype", default="bfloat16", help="bfloat16 | float32")
-    a = ap.parse_args(argv)
+    i = sub.add_parser("import", help="write a workdir's config.yaml that continues pretraining an HF checkpoint")
+    i.add_argument("folder", help="a Hugging Face model folder (config.json + safetensors)")
+    i.add_argument("--workdir", required=True)
+    i.add_argument("--config", default="configs/tiny.yaml", help="preset for data, train, optim, mesh")
+    i.add_argument("overrides", nargs="*", help="key.sub=value (not model.*: the model is the checkpoint's)")
+    a, extra = ap.parse_known_args(argv)  # import: key=value overrides may follow --workdir too
+    if extra and (a.cmd != "import" or any("=" not in x or x.startswith("-") for x in extra)):
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    if a.cmd == "import":
+        a.overrides = [*a.overrides, *extra]
     from moe.config import ConfigError
     from moe.eval.lm import EvalError
     from moe.train.checkpoint import CheckpointError
 
     try:
+        if a.cmd == "import":
+            path = import_folder(a.folder, a.workdir, preset=a.config, overrides=a.overrides)
+            print(f"wrote {path}; continue pretraining with: python train.py --config {path} --workdir {a.workdir}")
+            return 0
         s = export_run(a.workdir, a.out, step=a.step, arch=a.arch, dtype=a.dtype)
     except (ConfigError, EvalError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

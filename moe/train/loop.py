@@ -38,6 +38,7 @@ from moe.train.metrics import MetricsWriter
 from moe.train.signals import Preempted, deferred
 
 log = logging.getLogger("moe.train")
+HF_PREFIX = "hf:"  # train.init_from=hf:DIR: a Hugging Face checkpoint folder
 
 
 def train(cfg: config.Config, workdir: str) -> dict:
@@ -46,7 +47,11 @@ def train(cfg: config.Config, workdir: str) -> dict:
     pid, nproc = jax.process_index(), jax.process_count()
     is_main = pid == 0
     prepare_workdir(workdir)
-    if cfg.train.init_from:
+    if cfg.train.init_from.startswith(HF_PREFIX):
+        from moe.hf import load as hf_load
+
+        hf_load.matching_config(cfg.model, cfg.train.init_from[len(HF_PREFIX):])  # fails now, not after compiling
+    elif cfg.train.init_from:
         find_checkpoint_dir(cfg.train.init_from, require_steps=True)  # a wrong path fails now, not after compiling
 
     # ---------------------------------------------------------------- input (validated before compiling)
@@ -178,8 +183,14 @@ def _resume(cfg: config.Config, checkpointer: Checkpointer, setup, data_iter, me
 
 def _restore_init_params(path: str, setup: train_steps.Setup, fresh_params) -> tuple[int, Any]:
     """`train.init_from`: the source's params, with its router biases if it has them. A source trained
-    without aux-loss-free balancing has none: this run's biases then start at 0, and the log says so."""
+    without aux-loss-free balancing has none: this run's biases then start at 0, and the log says so.
+    `hf:DIR` is a Hugging Face folder (moe/hf/load.py); its step counts as 0."""
     abstract = setup.abstract_state["params"]
+    if path.startswith(HF_PREFIX):
+        from moe.hf import load as hf_load
+
+        return 0, hf_load.load_params(setup.cfg.model, path[len(HF_PREFIX):], abstract,
+                                      setup.state_shardings["params"])
     trainable, biases = train_steps.split_bias(abstract)
     if not biases:
         return restore_params(path, abstract)
