@@ -128,8 +128,8 @@ def test_cli_exports_a_trained_run_and_refuses_a_non_empty_out(tmp_path, capsys)
     assert hf_main(["export", "--workdir", str(wd), "--out", str(tmp_path / "hf")]) == 0
     out = capsys.readouterr().out
     assert "step 2 as qwen2_moe (bfloat16" in out
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model"} <= set(
-        os.listdir(tmp_path / "hf"))
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer.json",
+            "tokenizer_config.json"} == set(os.listdir(tmp_path / "hf"))
     assert hf_main(["export", "--workdir", str(wd), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exists and is not an empty folder" in err[0]
@@ -237,29 +237,49 @@ def _train(*args) -> subprocess.CompletedProcess:
 
 
 def test_continued_pretraining_from_a_transformers_checkpoint(tmp_path, capsys):
-    """import writes a config; train.py loads the HF weights at its first start (its step-1 loss is not a fresh
-    model's) and resumes from its own checkpoints afterwards, not from the HF folder again."""
+    """An HF folder as the Hub has them (weights by save_pretrained, a byte-level tokenizer.json without BOS):
+    import writes config.yaml, the tokenizer and checkpoint 0; train.py resumes from step 0 and is bit-identical
+    to a run that loads the folder itself (train.init_from=hf:DIR); a fresh model's first loss differs."""
     from moe.train.metrics import read_metrics
+    from tests.helpers.byte_level import write_byte_level_tokenizer
 
-    kwargs = dict(HF_MODELS[1][1], vocab_size=1024)  # the built-in corpus's cached 1024-piece tokenizer
+    kwargs = dict(HF_MODELS[1][1], vocab_size=1024)  # the model's table is wider than the tokenizer (as Qwen3's)
+    src = tmp_path / "src"
     _hf_model(HF_MODELS[1][0], kwargs, tmp_path, np.zeros((1, 4), np.int64))
+    write_byte_level_tokenizer(str(src), 1000)
     run = ["train.steps=2", "train.batch_size=8", "train.seq_len=32", "train.eval_every=0", "train.eval_batches=1",
            "train.progress=false", "checkpoint.every=2", "train.log_every=1"]
     wd = tmp_path / "cpt"
-    assert hf_main(["import", str(tmp_path / "src"), "--workdir", str(wd), *run, "model.d_ff=64"]) == 2
+    assert hf_main(["import", str(src), "--workdir", str(wd), *run, "model.d_ff=64"]) == 2
     assert "set model.d_ff=48" in capsys.readouterr().err  # the model is the checkpoint's: an override is refused
-    assert hf_main(["import", str(tmp_path / "src"), "--workdir", str(wd), *run]) == 0
+    assert not (wd / "checkpoints").exists()
+    assert hf_main(["import", str(src), "--workdir", str(wd), *run]) == 0
+    assert "a step-0 checkpoint" in capsys.readouterr().out
+    assert {"config.yaml", "tokenizer.json", "tokenizer_config.json", "checkpoints"} <= set(os.listdir(wd))
+    assert os.listdir(wd / "checkpoints") == ["0"]
     conf = str(wd / "config.yaml")
     text = (wd / "config.yaml").read_text()
-    assert f"init_from: hf:{tmp_path / 'src'}" in text and "num_experts: 4" in text and "moe_every: 1" in text
+    assert f"init_from: hf:{src}" in text and "num_experts: 4" in text and f"tokenizer: {wd / 'tokenizer.json'}" in text
     first = _train("--config", conf, "--workdir", str(wd))
-    assert first.returncode == 0 and f"initialised params from hf:{tmp_path / 'src'}" in first.stderr, first.stderr[-2000:]
+    assert first.returncode == 0 and "resumed from step 0" in first.stderr, first.stderr[-2000:]
+    direct = _train("--config", conf, "--workdir", str(tmp_path / "direct"))
+    assert direct.returncode == 0 and f"initialised params from hf:{src}" in direct.stderr, direct.stderr[-2000:]
     fresh = _train("--config", conf, "--workdir", str(tmp_path / "fresh"), "train.init_from=")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
-    loss1 = lambda w: read_metrics(w)[0]["loss"]  # noqa: E731
-    assert loss1(wd) != loss1(tmp_path / "fresh")
+    losses = lambda w: [r["loss"] for r in read_metrics(w)]  # noqa: E731
+    sha = lambda w: json.loads((w / "summary.json").read_text())["params_sha"]  # noqa: E731
+    assert losses(wd) == losses(tmp_path / "direct") and sha(wd) == sha(tmp_path / "direct")
+    assert losses(wd)[0] != losses(tmp_path / "fresh")[0]
     again = _train("--config", conf, "--workdir", str(wd), "train.steps=3")
     assert again.returncode == 0 and "resumed from step 2" in again.stderr and "initialised params" not in again.stderr
+    assert hf_main(["import", str(src), "--workdir", str(wd), *run]) == 2
+    assert "already has checkpoints" in capsys.readouterr().err
+    # and back out: the continued model with the tokenizer it came with, its special ids in config.json
+    assert hf_main(["export", "--workdir", str(wd), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    eot = json.loads((src / "tokenizer.json").read_text())["added_tokens"][0]["id"]
+    conf_out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (conf_out["bos_token_id"], conf_out["eos_token_id"], conf_out["vocab_size"]) == (eot, eot, 1024)
 
 
 def test_a_sharded_folder_imports_to_the_same_params(tmp_path):

@@ -1,7 +1,9 @@
-"""SentencePiece tokenizer for code and text: training, caching, loading, and per-piece byte lengths.
+"""Tokenizers for code and text: SentencePiece training, caching, loading, per-piece byte lengths; and the one
+entry point for any tokenizer a run names (`data.tokenizer`: a SentencePiece `.model`, or a Hugging Face
+`tokenizer.json`, read by moe/data/hf_tokenizer.py behind the same interface).
 
-Owns: the tokenizer choices, the cached tokenizer of the builtin/files corpora, and the vocab-size check.
-Must not read batches or pack: that is `moe.data.pipeline`.
+Owns: the tokenizer choices, the cached tokenizer of the builtin/files corpora, the vocab-size check and the
+tokenizer files of a workdir. Must not read batches or pack: that is `moe.data.pipeline`.
 
     python -m moe.data.tokenizer train --config configs/tiny.yaml [--out PATH] [key=value ...]
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -46,7 +49,13 @@ TRAINER_OPTIONS = dict(
 
 
 class Tokenizer:
-    """A loaded SentencePiece model with the ids the data pipeline needs."""
+    """A loaded SentencePiece model with the ids the data pipeline needs.
+
+    The interface every tokenizer here has (moe.data.hf_tokenizer.HFTokenizer too): `path`, `vocab_size`,
+    `pad_id` / `bos_id` / `eos_id`, `encode`, `decode`, `token_bytes`, `sha` (what a checkpoint records) and
+    `files` (what a workdir holds of it)."""
+
+    exact_vocab = True  # model.vocab_size must equal ours (an HF tokenizer may have fewer ids than the model)
 
     def __init__(self, path: str, model_proto: bytes):
         self.path = path
@@ -66,6 +75,14 @@ class Tokenizer:
         # "\n" as an atomic user-defined piece makes line-by-line encoding give the same ids, ~2x faster
         # (BPE cost grows faster than linearly in the length of what it is given).
         self._newline = user[0] if user else None
+        self._proto = model_proto
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha256(self._proto).hexdigest()[:16]
+
+    def files(self) -> dict[str, bytes]:
+        return {"tokenizer.model": self._proto}
 
     def encode(self, text: str) -> list[int]:
         if self._newline is None:
@@ -91,12 +108,17 @@ class Tokenizer:
         return out
 
 
-def tokenizer_from_file(path: str) -> Tokenizer:
-    """Loads a SentencePiece `.model` file (a local path or a bucket URL: gs://B/tok.model)."""
+def tokenizer_from_file(path: str):
+    """Loads a SentencePiece `.model` file or a Hugging Face `tokenizer.json` (a local path or a bucket URL)."""
     p = path if storage.is_url(path) else os.path.expanduser(path)
     if not storage.isfile(p):
-        raise DataError(f"data.tokenizer: '{path}' does not exist; give a SentencePiece .model file, or leave "
-                        "data.tokenizer empty to train one (python -m moe.data.tokenizer train --config ...)")
+        raise DataError(f"data.tokenizer: '{path}' does not exist; give a SentencePiece .model file or a Hugging "
+                        "Face tokenizer.json, or leave data.tokenizer empty to train one "
+                        "(python -m moe.data.tokenizer train --config ...)")
+    if p.endswith(".json"):
+        from moe.data import hf_tokenizer
+
+        return hf_tokenizer.from_file(p)
     try:
         return Tokenizer(p, storage.read_bytes(p))
     except RuntimeError as e:
@@ -163,10 +185,43 @@ def load_tokenizer(cfg) -> Tokenizer:
                     log.info("training tokenizer %s (once)", path)
                     train_tokenizer(cfg, path)
         tok = tokenizer_from_file(path)
-    if tok.vocab_size != cfg.model.vocab_size:
-        raise DataError(f"tokenizer '{tok.path}' has {tok.vocab_size} pieces but model.vocab_size is "
-                        f"{cfg.model.vocab_size}; set model.vocab_size={tok.vocab_size} or point data.tokenizer "
-                        "at a tokenizer of the right size")
+    check_vocab(tok, cfg.model.vocab_size)
+    return tok
+
+
+def check_vocab(tok, vocab_size: int) -> None:
+    """A SentencePiece model must have exactly model.vocab_size pieces; an HF tokenizer at most that many ids
+    (HF models pad their embedding table: Qwen3's tokenizer has 151,669 ids for a 151,936-row table)."""
+    if tok.vocab_size == vocab_size or (not tok.exact_vocab and tok.vocab_size < vocab_size):
+        return
+    raise DataError(f"tokenizer '{tok.path}' has {tok.vocab_size} pieces but model.vocab_size is {vocab_size}; "
+                    f"set model.vocab_size={tok.vocab_size} or point data.tokenizer at a tokenizer of the right size")
+
+
+def workdir_files(cfg) -> tuple[str, ...]:
+    """The tokenizer files a run's workdir holds: tokenizer.model, or tokenizer.json + tokenizer_config.json."""
+    return ("tokenizer.json", "tokenizer_config.json") if cfg.data.tokenizer.endswith(".json") else ("tokenizer.model",)
+
+
+def save_to_workdir(tok, workdir: str) -> None:
+    """Writes `tok.files()` into the workdir (skipped when data.tokenizer already is the workdir's own file)."""
+    for name, data in tok.files().items():
+        dst = storage.join(workdir, name)
+        if storage.orbax_path(dst) != storage.orbax_path(tok.path):
+            storage.write_bytes(dst, data)
+
+
+def from_workdir(workdir: str, cfg):
+    """The tokenizer a run trained with, from its workdir."""
+    path = storage.join(workdir, workdir_files(cfg)[0])
+    if not storage.isfile(path):
+        raise DataError(f"tokenizer '{path}' is missing; copy the tokenizer the run was trained with there")
+    tok = tokenizer_from_file(path)
+    try:
+        check_vocab(tok, cfg.model.vocab_size)
+    except DataError:
+        raise DataError(f"'{path}' has {tok.vocab_size} pieces but the run's model.vocab_size is "
+                        f"{cfg.model.vocab_size}: it is not the run's tokenizer") from None
     return tok
 
 

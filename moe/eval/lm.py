@@ -32,7 +32,9 @@ from moe.train import steps as train_steps
 from moe.model.generate import Generator
 from moe.runtime import storage
 from moe.runtime.sharding import batch_ways, make_mesh
-from moe.data.tokenizer import Tokenizer, tokenizer_from_file
+from moe.data import tokenizer
+from moe.data.corpus import DataError
+from moe.data.tokenizer import Tokenizer
 
 LENGTH_MULTIPLE = 16  # scored rows are padded to a multiple of this (fewer compilations, little waste)
 
@@ -110,13 +112,10 @@ def load_run(workdir: str, step: int | None = None, *, batch_size: int | None = 
     """Config + tokenizer from the workdir, params of `step` (default newest) onto the devices present now."""
     workdir = workdir if storage.is_url(workdir) else os.path.abspath(workdir)
     cfg = load_run_config(workdir, overrides)
-    tok_path = storage.join(workdir, "tokenizer.model")
-    if not storage.isfile(tok_path):
-        raise EvalError(f"tokenizer '{tok_path}' is missing; copy the tokenizer the run was trained with there")
-    tok = tokenizer_from_file(tok_path)
-    if tok.vocab_size != cfg.model.vocab_size:
-        raise EvalError(f"'{tok_path}' has {tok.vocab_size} pieces but the run's model.vocab_size is "
-                        f"{cfg.model.vocab_size}: it is not the run's tokenizer")
+    try:
+        tok = tokenizer.from_workdir(workdir, cfg)
+    except DataError as e:
+        raise EvalError(str(e)) from None
     steps = checkpoint_steps(workdir)
     if step is not None and step not in steps:
         raise EvalError(f"step {step} not in '{workdir}/checkpoints'; available: {steps}")

@@ -3,7 +3,8 @@
     python -m moe.hf export --workdir runs/tiny --out runs/tiny-hf            # newest step, auto class, bf16
     python -m moe.hf export --workdir gs://B/run --step 3000 --out hf/glam --arch qwen2_moe --dtype float32
     python -m moe.hf import path/to/Qwen3-MoE-folder --workdir runs/cpt --config configs/small.yaml train.steps=2000
-        # then: python train.py --config runs/cpt/config.yaml --workdir runs/cpt   (continued pretraining)
+        # writes config.yaml, the tokenizer and checkpoint 0; then continue pretraining with
+        # python train.py --config runs/cpt/config.yaml --workdir runs/cpt
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moe.hf.mapping import HFError
+
 EXIT_BAD_INPUT = 2
 
 
 def export_run(workdir: str, out: str, *, step: int | None = None, arch: str = "auto",
                dtype: str = "bfloat16") -> dict:
     """Restores `step` (default newest) of a run onto this host's devices and writes the HF folder."""
+    from moe.data import tokenizer
+    from moe.data.corpus import DataError
     from moe.eval import lm as eval_lm
+    from moe.eval.lm import EvalError
     from moe.hf import export, mapping
-    from moe.runtime import storage
     from moe.train import checkpoint as ckpt
     from moe.train import steps as train_steps
 
@@ -27,41 +32,55 @@ def export_run(workdir: str, out: str, *, step: int | None = None, arch: str = "
     mapping.choose_arch(cfg.model, arch)  # an unrepresentable config fails before anything is restored
     steps = eval_lm.checkpoint_steps(workdir)
     if step is not None and step not in steps:
-        raise eval_lm.EvalError(f"step {step} not in '{workdir}/checkpoints'; available: {steps}")
+        raise EvalError(f"step {step} not in '{workdir}/checkpoints'; available: {steps}")
     setup = train_steps.build(cfg, eval_lm.eval_mesh(cfg))
     got, params = ckpt.restore_params(workdir, setup.abstract_state["params"], step)
-    tok = storage.join(workdir, "tokenizer.model")
+    try:
+        tok = tokenizer.from_workdir(workdir, cfg)
+    except DataError as e:
+        raise EvalError(f"{e}: the export needs the run's tokenizer") from None
     summary = export.write_folder(cfg.model, params, out, arch=arch, dtype=dtype, max_positions=cfg.train.seq_len,
-                                  tokenizer_bytes=storage.read_bytes(tok) if storage.isfile(tok) else None)
+                                  tokenizer=tok)
     return dict(summary, step=got)
 
 
 def import_folder(folder: str, workdir: str, *, preset: str = "configs/tiny.yaml",
                   overrides: list[str] | None = None) -> str:
-    """Writes WORKDIR/config.yaml: `preset` for everything but the model, the model of FOLDER's config.json,
-    `train.init_from=hf:FOLDER`, the folder's SentencePiece tokenizer (copied) if it has one, then `overrides`.
-    Returns the config path. The first `train.py --config WORKDIR/config.yaml --workdir WORKDIR` loads the
-    weights onto its mesh; later starts resume from the run's own checkpoints."""
+    """Makes WORKDIR a run that continues pretraining the HF checkpoint FOLDER: config.yaml (`preset` for
+    everything but the model, the model of FOLDER's config.json, `train.init_from=hf:FOLDER`, then
+    `overrides`), the folder's tokenizer (tokenizer.json + tokenizer_config.json, else a SentencePiece
+    tokenizer.model) and a step-0 checkpoint holding its weights. `train.py --config WORKDIR/config.yaml
+    --workdir WORKDIR` resumes from that checkpoint. Returns the config path."""
     import os
 
     from moe import config
+    from moe.data import hf_tokenizer, tokenizer
     from moe.hf import load
     from moe.runtime import storage
+    from moe.train import loop
 
+    ckdir = storage.join(workdir, "checkpoints")
+    if storage.isdir(ckdir) and storage.listdir(ckdir):
+        raise HFError(f"--workdir '{workdir}' already has checkpoints; pass a new workdir")
     hf = load.read_config(folder)
-    model = load.model_overrides(hf)
     tree = config.read_preset(preset)
-    tree = dict(tree, model={**tree.get("model", {}), **model},
-                train={**tree.get("train", {}), "init_from": f"hf:{os.path.abspath(folder)}"})
-    if os.path.isfile(os.path.join(folder, "tokenizer.model")):
-        tok = storage.join(workdir, "tokenizer.model")
-        storage.copy_file(os.path.join(folder, "tokenizer.model"), tok)
-        tree = dict(tree, data={**tree.get("data", {}), "tokenizer": tok if storage.is_url(tok) else os.path.abspath(tok)})
+    tree = dict(tree, model={**tree.get("model", {}), **load.model_overrides(hf)},
+                train={**tree.get("train", {}), "init_from": f"{loop.HF_PREFIX}{os.path.abspath(folder)}"})
+    tok = None
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        tok = hf_tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    elif os.path.isfile(os.path.join(folder, "tokenizer.model")):
+        tok = tokenizer.tokenizer_from_file(os.path.join(folder, "tokenizer.model"))
+    if tok is not None:
+        local = not storage.is_url(workdir)
+        path = storage.join(os.path.abspath(workdir) if local else workdir, next(iter(tok.files())))
+        tree = dict(tree, data={**tree.get("data", {}), "tokenizer": path})
     cfg = config.from_dict(config.apply_overrides(tree, list(overrides or [])))
     load.matching_config(cfg.model, folder)  # the overrides must not change the model
-    out = storage.join(workdir, "config.yaml")
-    storage.write_text(out, config.dump_yaml(cfg))
-    return out
+    if tok is not None and cfg.data.tokenizer == path:
+        tokenizer.save_to_workdir(tok, workdir)
+    loop.initialize(cfg, workdir)
+    return storage.join(workdir, "config.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,16 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "import":
         a.overrides = [*a.overrides, *extra]
     from moe.config import ConfigError
+    from moe.data.corpus import DataError
     from moe.eval.lm import EvalError
     from moe.train.checkpoint import CheckpointError
 
     try:
         if a.cmd == "import":
             path = import_folder(a.folder, a.workdir, preset=a.config, overrides=a.overrides)
-            print(f"wrote {path}; continue pretraining with: python train.py --config {path} --workdir {a.workdir}")
+            print(f"wrote {path} and a step-0 checkpoint; continue pretraining with: python train.py --config {path} "
+                  f"--workdir {a.workdir}")
             return 0
         s = export_run(a.workdir, a.out, step=a.step, arch=a.arch, dtype=a.dtype)
-    except (ConfigError, EvalError, CheckpointError) as err:
+    except (ConfigError, DataError, EvalError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"wrote {s['out']}: step {s['step']} as {s['arch']} ({s['dtype']}, {s['bytes'] / 2**20:.1f} MiB in "

@@ -1,5 +1,7 @@
 """Export a run's checkpoint as a Hugging Face model folder: config.json, generation_config.json,
-model.safetensors (or shards + model.safetensors.index.json) and the run's tokenizer.
+model.safetensors (or shards + model.safetensors.index.json) and the run's tokenizer: tokenizer.json +
+tokenizer_config.json (AutoTokenizer loads them; a SentencePiece run's tokenizer.model is converted exactly and
+copied beside them).
 
 Owns: the folder layout and the writes. The mapping (which class, which names) is moe/hf/mapping.py.
 
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from moe.data import hf_tokenizer
 from moe.hf import mapping
 from moe.hf.mapping import HFError
 
@@ -31,9 +34,9 @@ def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def write_folder(cfg_model, params: Any, out: str, *, arch: str = "auto", dtype: str = "bfloat16",
-                 max_positions: int = 2048, tokenizer_bytes: bytes | None = None,
-                 max_shard_bytes: int = SHARD_BYTES) -> dict:
-    """Writes the HF folder for `params` of a model with config `cfg_model`; returns a summary."""
+                 max_positions: int = 2048, tokenizer=None, max_shard_bytes: int = SHARD_BYTES) -> dict:
+    """Writes the HF folder for `params` of a model with config `cfg_model`, with `tokenizer` (ours, either
+    kind: moe/data/hf_tokenizer.py export_files) if given; returns a summary."""
     from safetensors.numpy import save_file
 
     if dtype not in DTYPES:
@@ -79,13 +82,16 @@ def write_folder(cfg_model, params: Any, out: str, *, arch: str = "auto", dtype:
                      "weight_map": {n: final[i] for i, names in enumerate(shards) for n in names}}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=1)
+        ids = ({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+               if tokenizer is not None else {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0})
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(mapping.hf_config(cfg_model, arch, max_positions=max_positions, dtype=dtype), f, indent=1)
+            json.dump({**mapping.hf_config(cfg_model, arch, max_positions=max_positions, dtype=dtype), **ids}, f,
+                      indent=1)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}, f, indent=1)
-        if tokenizer_bytes:  # the run's SentencePiece model, as it trained with it
-            with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
-                f.write(tokenizer_bytes)
+            json.dump(ids, f, indent=1)
+        for name, data in (hf_tokenizer.export_files(tokenizer) if tokenizer is not None else {}).items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
         if os.path.isdir(out):
             os.rmdir(out)  # empty (checked above)
         os.rename(tmp, out)

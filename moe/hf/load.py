@@ -134,80 +134,30 @@ class Tensors:
 
 
 def params_from_hf(m: ModelConfig, arch: str, tensors: Tensors, abstract_params: Any, shardings: Any) -> Any:
-    """Our params (the structure of `abstract_params`), each leaf assembled from the HF tensors and put on
-    its sharding. The inverse of mapping.hf_tensors: every (name, layout) it writes is read back here."""
+    """Our params (the structure of `abstract_params`), each leaf assembled from the HF tensors that
+    mapping.tensors places in it and put on its sharding."""
     import jax
 
-    # Where each HF tensor goes: (our leaf path, index into the leaf, inverse layout).
-    n, k, h, d = m.num_heads, mapping.kv_heads(m), mapping.head_dim(m), m.d_model
-    inverse = {"q_proj": lambda w: w.T.reshape(d, n, h), "k_proj": lambda w: w.T.reshape(d, k, h),
-               "v_proj": lambda w: w.T.reshape(d, k, h), "o_proj": lambda w: w.T.reshape(n, h, d)}
-    from moe.config import block_size
+    targets: dict[tuple, list[mapping.Tensor]] = {}
+    for t in mapping.tensors(m, arch):
+        if t.leaf is not None:
+            targets.setdefault(tuple(t.leaf), []).append(t)
 
-    targets: dict[tuple, list] = {}
-    for name, _ in mapping.hf_tensors(m, arch, abstract_params):  # the names only: no getter is called
-        where, idx, f, shape = _route(name, m, block_size(m), inverse)
-        if where is not None:
-            targets.setdefault(where, []).append((name, idx, f, shape))
-
-    def leaf(path_keys, abstract, sharding):
-        key = tuple(path_keys)
+    def leaf(key: tuple, abstract, sharding):
         if key not in targets:
             if key[-1] == "router_bias_E":  # no HF class has it: zeros (as a fresh run starts)
                 return jax.device_put(np.zeros(abstract.shape, np.float32), sharding)
             raise HFError(f"no tensor of the checkpoint fills our parameter {'/'.join(map(str, key))}")
         buf = np.zeros(abstract.shape, np.float32)
-        for name, idx, f, shape in targets[key]:
-            buf[idx] = f(tensors.get(name, shape))
+        for t in targets[key]:
+            buf[t.index] = t.from_hf(tensors.get(t.name, t.shape))
         return jax.device_put(buf.astype(abstract.dtype), sharding)
 
     flat_a, tree = jax.tree_util.tree_flatten_with_path(abstract_params)
     flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     assert len(flat_s) == len(flat_a), (len(flat_s), len(flat_a))
-    out = [leaf([getattr(p, "key", getattr(p, "idx", p)) for p in path], a, s) for (path, a), s in zip(flat_a, flat_s)]
-    return jax.tree_util.tree_unflatten(tree, out)
-
-
-def _route(name: str, m: ModelConfig, bs: int, inverse: dict):
-    """HF tensor name -> (our leaf path, index into it, inverse layout, the HF shape)."""
-    n, k, h, d, f, e = m.num_heads, mapping.kv_heads(m), mapping.head_dim(m), m.d_model, m.d_ff, m.num_experts
-    parts = name.split(".")
-    if name == "model.embed_tokens.weight":
-        return ("embed", "table_VD"), (), lambda w: w, (m.vocab_size, d)
-    if name == "model.norm.weight":
-        return ("final_norm", "scale"), (), lambda w: w, (d,)
-    if name == "lm_head.weight":
-        return ("head_DV",), (), lambda w: w.T, (m.vocab_size, d)
-    i = int(parts[2])
-    g, j = divmod(i, bs)
-    lay = ("blocks", "layers", j)
-    rest = ".".join(parts[3:])
-    if rest.startswith("self_attn.") and rest.endswith("_proj.weight"):
-        proj = parts[4]
-        key = {"q_proj": "wq_DNH", "k_proj": "wk_DKH", "v_proj": "wv_DKH", "o_proj": "wo_NHD"}[proj]
-        shape = {"q_proj": (n * h, d), "k_proj": (k * h, d), "v_proj": (k * h, d), "o_proj": (d, n * h)}[proj]
-        return (*lay, "attn", key), (g,), inverse[proj], shape
-    if rest in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
-        return (*lay, "attn", parts[4], "scale"), (g,), lambda w: w, (h,)
-    if rest == "input_layernorm.weight":
-        return (*lay, "attn_norm", "scale"), (g,), lambda w: w, (d,)
-    if rest == "post_attention_layernorm.weight":
-        return (*lay, "ffn_norm", "scale"), (g,), lambda w: w, (d,)
-    if rest.endswith("gate.weight") and ("block_sparse_moe" in rest or rest == "mlp.gate.weight"):
-        return (*lay, "ffn", "w_router_DE"), (g,), lambda w: w.T, (e, d)
-    if ".experts." in rest:
-        ex, proj = int(parts[5]), parts[6]
-        key, shape = {"w1": ("w_gate_EDF", (f, d)), "gate_proj": ("w_gate_EDF", (f, d)),
-                      "w3": ("w_up_EDF", (f, d)), "up_proj": ("w_up_EDF", (f, d)),
-                      "w2": ("w_down_EFD", (d, f)), "down_proj": ("w_down_EFD", (d, f))}[proj]
-        return (*lay, "ffn", key), (g, ex), lambda w: w.T, shape
-    if "shared_expert" in rest:
-        return None, None, None, None  # width 0 (checked in model_overrides): nothing to load
-    if rest.startswith("mlp.") and rest.endswith("_proj.weight"):
-        key, shape = {"gate_proj": ("w_gate_DF", (f, d)), "up_proj": ("w_up_DF", (f, d)),
-                      "down_proj": ("w_down_FD", (d, f))}[parts[4]]
-        return (*lay, "ffn", key), (g,), lambda w: w.T, shape
-    raise HFError(f"unexpected tensor name '{name}'")
+    keys = [tuple(getattr(p, "key", getattr(p, "idx", p)) for p in path) for path, _ in flat_a]
+    return jax.tree_util.tree_unflatten(tree, [leaf(k, a, s) for k, (_, a), s in zip(keys, flat_a, flat_s)])
 
 
 def matching_config(model: ModelConfig, folder: str) -> dict:

@@ -1,7 +1,7 @@
 """Our model config and parameter tree <-> a Hugging Face architecture's config.json and tensor names.
 
 Owns: which HF class represents a config exactly (`choose_arch`), the config.json it gets (`hf_config`), and
-the name and layout of every tensor (`hf_tensors`). Must not read or write files (moe/hf/export.py does).
+the name, shape, place and layout of every tensor (`tensors`, read by export and import alike). Must not read or write files (moe/hf/export.py does).
 
 The decoder computes the same function as these classes (facts read from transformers' source and pinned by
 tests/test_hf.py against transformers itself):
@@ -25,6 +25,7 @@ no class here represents them, so they are errors naming the field, never a sile
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -115,7 +116,8 @@ def hf_config(m: ModelConfig, arch: str, *, max_positions: int, dtype: str) -> d
         "max_position_embeddings": max_positions, "rms_norm_eps": m.norm_eps, "tie_word_embeddings": m.tie_embeddings,
         "rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
         "attention_bias": False, "attention_dropout": 0.0, "initializer_range": m.init_std, "use_cache": True,
-        "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0, "dtype": dtype, "torch_dtype": dtype,
+        "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0,  # our SentencePiece ids; export.py sets the run's
+        "dtype": dtype, "torch_dtype": dtype,
     }
     if arch in ("qwen3_moe", "qwen2_moe"):
         dense = [i for i in range(m.num_layers) if i not in moe_layers(m)]
@@ -133,51 +135,82 @@ def hf_config(m: ModelConfig, arch: str, *, max_positions: int, dtype: str) -> d
     return out
 
 
-Getter = Callable[[], np.ndarray]
+@dataclass(frozen=True)
+class Tensor:
+    """One HF tensor: its name and shape, where it lives in our params (the leaf path and the index into a leaf
+    stacked over blocks / experts; leaf None: a zero-width tensor the HF class always has), and the layout
+    change each way. Export and import both read this one table (`tensors`)."""
+
+    name: str
+    shape: tuple[int, ...]
+    leaf: tuple | None
+    index: tuple[int, ...] = ()
+    to_hf: Callable[[np.ndarray], np.ndarray] = lambda a: a
+    from_hf: Callable[[np.ndarray], np.ndarray] = lambda a: a
 
 
-def hf_tensors(m: ModelConfig, arch: str, params: dict) -> Iterator[tuple[str, Getter]]:
-    """(HF tensor name, a function giving its array) for every tensor, in file order. Each getter reads one
-    slice of our (possibly sharded, stacked-over-blocks) params, so at most one tensor sits on the host."""
+def _t(a: np.ndarray) -> np.ndarray:
+    return a.T
+
+
+def tensors(m: ModelConfig, arch: str) -> list[Tensor]:
+    """Every tensor of the HF checkpoint of `m` as `arch`, in file order."""
     from moe.config import block_size
 
     bs = block_size(m)
-    n, k, h, d = m.num_heads, kv_heads(m), head_dim(m), m.d_model
-    layers = params["blocks"]["layers"]
+    n, k, h, d, f, v, e = m.num_heads, kv_heads(m), head_dim(m), m.d_model, m.d_ff, m.vocab_size, m.num_experts
 
-    def get(leaf, *index, f=lambda a: a) -> Getter:
-        return lambda: np.ascontiguousarray(f(np.asarray(leaf[index] if index else leaf, dtype=np.float32)))
+    def heads(num: int) -> dict:  # our [D, heads, H] <-> HF [heads * H, D]
+        return dict(to_hf=lambda w: w.reshape(d, num * h).T, from_hf=lambda w: w.T.reshape(d, num, h))
 
-    yield "model.embed_tokens.weight", get(params["embed"]["table_VD"])
+    out = [Tensor("model.embed_tokens.weight", (v, d), ("embed", "table_VD"))]
     for i in range(m.num_layers):
         g, j = divmod(i, bs)
-        lay, pre = layers[j], f"model.layers.{i}."
-        a = lay["attn"]
-        yield pre + "self_attn.q_proj.weight", get(a["wq_DNH"], g, f=lambda w: w.reshape(d, n * h).T)
-        yield pre + "self_attn.k_proj.weight", get(a["wk_DKH"], g, f=lambda w: w.reshape(d, k * h).T)
-        yield pre + "self_attn.v_proj.weight", get(a["wv_DKH"], g, f=lambda w: w.reshape(d, k * h).T)
-        yield pre + "self_attn.o_proj.weight", get(a["wo_NHD"], g, f=lambda w: w.reshape(n * h, d).T)
+        lay, pre = ("blocks", "layers", j), f"model.layers.{i}."
+        attn = (*lay, "attn")
+        out += [Tensor(pre + "self_attn.q_proj.weight", (n * h, d), (*attn, "wq_DNH"), (g,), **heads(n)),
+                Tensor(pre + "self_attn.k_proj.weight", (k * h, d), (*attn, "wk_DKH"), (g,), **heads(k)),
+                Tensor(pre + "self_attn.v_proj.weight", (k * h, d), (*attn, "wv_DKH"), (g,), **heads(k)),
+                Tensor(pre + "self_attn.o_proj.weight", (d, n * h), (*attn, "wo_NHD"), (g,),
+                       to_hf=lambda w: w.reshape(n * h, d).T, from_hf=lambda w: w.T.reshape(n, h, d))]
         if m.qk_norm:
-            yield pre + "self_attn.q_norm.weight", get(a["q_norm"]["scale"], g)
-            yield pre + "self_attn.k_norm.weight", get(a["k_norm"]["scale"], g)
-        yield pre + "input_layernorm.weight", get(lay["attn_norm"]["scale"], g)
-        yield pre + "post_attention_layernorm.weight", get(lay["ffn_norm"]["scale"], g)
-        ffn = lay["ffn"]
+            out += [Tensor(pre + f"self_attn.{q}_norm.weight", (h,), (*attn, f"{q}_norm", "scale"), (g,)) for q in "qk"]
+        out += [Tensor(pre + "input_layernorm.weight", (d,), (*lay, "attn_norm", "scale"), (g,)),
+                Tensor(pre + "post_attention_layernorm.weight", (d,), (*lay, "ffn_norm", "scale"), (g,))]
+        ffn = (*lay, "ffn")
         if i in moe_layers(m):
             moe = pre + ("block_sparse_moe." if arch == "mixtral" else "mlp.")
             names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-            yield moe + "gate.weight", get(ffn["w_router_DE"], g, f=lambda w: w.T)
-            for e in range(m.num_experts):
-                for name, key in zip(names, ("w_gate_EDF", "w_up_EDF", "w_down_EFD")):
-                    yield f"{moe}experts.{e}.{name}.weight", get(ffn[key], g, e, f=lambda w: w.T)
+            out.append(Tensor(moe + "gate.weight", (e, d), (*ffn, "w_router_DE"), (g,), _t, _t))
+            for x in range(e):
+                for name, key, shape in zip(names, ("w_gate_EDF", "w_up_EDF", "w_down_EFD"), ((f, d), (f, d), (d, f))):
+                    out.append(Tensor(f"{moe}experts.{x}.{name}.weight", shape, (*ffn, key), (g, x), _t, _t))
             if arch == "qwen2_moe":  # its always-present shared expert, of width 0: it adds nothing
-                yield moe + "shared_expert.gate_proj.weight", lambda: np.zeros((0, d), np.float32)
-                yield moe + "shared_expert.up_proj.weight", lambda: np.zeros((0, d), np.float32)
-                yield moe + "shared_expert.down_proj.weight", lambda: np.zeros((d, 0), np.float32)
-                yield moe + "shared_expert_gate.weight", lambda: np.zeros((1, d), np.float32)
+                out += [Tensor(moe + "shared_expert.gate_proj.weight", (0, d), None),
+                        Tensor(moe + "shared_expert.up_proj.weight", (0, d), None),
+                        Tensor(moe + "shared_expert.down_proj.weight", (d, 0), None),
+                        Tensor(moe + "shared_expert_gate.weight", (1, d), None)]
         else:
-            for name, key in (("gate_proj", "w_gate_DF"), ("up_proj", "w_up_DF"), ("down_proj", "w_down_FD")):
-                yield f"{pre}mlp.{name}.weight", get(ffn[key], g, f=lambda w: w.T)
-    yield "model.norm.weight", get(params["final_norm"]["scale"])
+            for name, key, shape in (("gate_proj", "w_gate_DF", (f, d)), ("up_proj", "w_up_DF", (f, d)),
+                                     ("down_proj", "w_down_FD", (d, f))):
+                out.append(Tensor(f"{pre}mlp.{name}.weight", shape, (*ffn, key), (g,), _t, _t))
+    out.append(Tensor("model.norm.weight", (d,), ("final_norm", "scale")))
     if not m.tie_embeddings:
-        yield "lm_head.weight", get(params["head_DV"], f=lambda w: w.T)
+        out.append(Tensor("lm_head.weight", (v, d), ("head_DV",), (), _t, _t))
+    return out
+
+
+def hf_tensors(m: ModelConfig, arch: str, params: dict) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """(HF tensor name, a function giving its fp32 array) in file order. Each getter reads one slice of our
+    (possibly sharded, stacked-over-blocks) params, so at most one tensor sits on the host."""
+
+    def get(t: Tensor) -> Callable[[], np.ndarray]:
+        if t.leaf is None:
+            return lambda: np.zeros(t.shape, np.float32)
+        leaf = params
+        for key in t.leaf:
+            leaf = leaf[key]
+        return lambda: np.ascontiguousarray(t.to_hf(np.asarray(leaf[t.index] if t.index else leaf, np.float32)))
+
+    for t in tensors(m, arch):
+        yield t.name, get(t)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from moe import config
 from moe.data import pipeline
+from moe.data import tokenizer
 from moe.data.tokenizer import load_tokenizer
 from moe.eval import lm as eval_lm
 from moe.model.decoder import flops_per_token, param_counts
@@ -41,11 +42,10 @@ log = logging.getLogger("moe.train")
 HF_PREFIX = "hf:"  # train.init_from=hf:DIR: a Hugging Face checkpoint folder
 
 
-def train(cfg: config.Config, workdir: str) -> dict:
-    """Runs (or resumes) training to cfg.train.steps; returns the summary written to WORKDIR/summary.json."""
-    t_start = time.time()
+def _prepare(cfg: config.Config, workdir: str):
+    """Input validated (before compiling), the tokenizer saved into the workdir, the data iterator, the mesh and
+    the sharded Setup: what a run needs before its state exists. Returns (tok, data_iter, mesh, setup)."""
     pid, nproc = jax.process_index(), jax.process_count()
-    is_main = pid == 0
     prepare_workdir(workdir)
     if cfg.train.init_from.startswith(HF_PREFIX):
         from moe.hf import load as hf_load
@@ -57,15 +57,45 @@ def train(cfg: config.Config, workdir: str) -> dict:
     # ---------------------------------------------------------------- input (validated before compiling)
     pipeline.check_data(cfg)
     tok = load_tokenizer(cfg)
-    tok_copy = storage.join(workdir, "tokenizer.model")
-    if is_main and storage.orbax_path(tok.path) != storage.orbax_path(tok_copy):
-        storage.copy_file(tok.path, tok_copy)
+    if pid == 0:
+        tokenizer.save_to_workdir(tok, workdir)
     config.check_placement(cfg, processes=nproc)
     data_iter = pipeline.train_iterator(cfg, tok, pid, nproc)
 
     # ---------------------------------------------------------------- mesh and sharded state
     mesh = make_mesh(cfg.mesh)
-    setup = train_steps.build(cfg, mesh)
+    return tok, data_iter, mesh, train_steps.build(cfg, mesh)
+
+
+def _meta(cfg: config.Config, tok) -> dict:
+    """What every checkpoint of the run records beside the state (resume checks it)."""
+    return {"config": config.to_dict(cfg), "tokenizer_sha": tok.sha, "params_total": param_counts(cfg.model)[0]}
+
+
+def initialize(cfg: config.Config, workdir: str) -> int:
+    """Writes step 0 of a run (the state train() would start from: train.init_from's params, or fresh) and its
+    config.yaml, without compiling a train step. `train()` then resumes from it. Returns the step written (0);
+    a workdir that already has checkpoints is an error."""
+    tok, data_iter, _, setup = _prepare(cfg, workdir)
+    checkpointer = Checkpointer(workdir, cfg.checkpoint)
+    try:
+        if checkpointer.steps():
+            raise config.ConfigError(f"'{workdir}' already has checkpoints {checkpointer.steps()}; pass a new --workdir")
+        step, state = _resume(cfg, checkpointer, setup, data_iter, _meta(cfg, tok), tok.path)
+        checkpointer.save(step, state, _meta(cfg, tok), data_iter)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    if jax.process_index() == 0:
+        storage.write_text(storage.join(workdir, "config.yaml"), config.dump_yaml(cfg))
+    return step
+
+
+def train(cfg: config.Config, workdir: str) -> dict:
+    """Runs (or resumes) training to cfg.train.steps; returns the summary written to WORKDIR/summary.json."""
+    t_start = time.time()
+    is_main = jax.process_index() == 0
+    tok, data_iter, mesh, setup = _prepare(cfg, workdir)
     train_step = train_steps.make_train_step(setup)
     total_params, active_params = param_counts(cfg.model)
     flops_tok = flops_per_token(cfg.model, cfg.train.seq_len)
@@ -78,7 +108,7 @@ def train(cfg: config.Config, workdir: str) -> dict:
         # ------------------------------------------------------------ checkpoint / resume (policy: checkpoint.py)
         checkpointer = Checkpointer(workdir, cfg.checkpoint)
         stack.callback(checkpointer.close)
-        meta = {"config": config.to_dict(cfg), "tokenizer_sha": file_sha(tok.path), "params_total": total_params}
+        meta = _meta(cfg, tok)
         step, state = _resume(cfg, checkpointer, setup, data_iter, meta, tok.path)
         writer = MetricsWriter(workdir, enabled=is_main)
         stack.callback(writer.close)
@@ -242,7 +272,3 @@ def _params_sha(params) -> str | None:
         h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
-
-
-def file_sha(path: str) -> str:
-    return hashlib.sha256(storage.read_bytes(path)).hexdigest()[:16]
