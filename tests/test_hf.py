@@ -98,6 +98,40 @@ def test_sharded_export_writes_an_index_transformers_loads(tmp_path):
     assert float(np.max(np.abs(theirs["eager"] - _ours(cfg, graphdef, params, tokens)))) <= TOL
 
 
+def test_export_to_a_bucket_uploads_config_json_last_and_cleans_up_a_failed_upload(tmp_path, monkeypatch):
+    import glob
+    import tempfile
+
+    from moe.runtime import storage
+
+    cfg, _, params = _model(CASES[1][1])
+    kw = dict(dtype="float32", max_positions=64, max_shard_bytes=150_000)
+    export.write_folder(cfg, params, str(tmp_path / "local"), **kw)
+    uploads = []
+    real = storage.copy_file
+    monkeypatch.setattr(storage, "copy_file", lambda a, b: (uploads.append(os.path.basename(b)), real(a, b)))
+    s = export.write_folder(cfg, params, f"file://{tmp_path}/bucket/hf", **kw)
+    assert s["out"] == f"file://{tmp_path}/bucket/hf" and uploads[-1] == "config.json"
+    local, remote = tmp_path / "local", tmp_path / "bucket" / "hf"
+    assert sorted(os.listdir(remote)) == sorted(os.listdir(local))
+    assert all((remote / n).read_bytes() == (local / n).read_bytes() for n in os.listdir(local))
+    with pytest.raises(mapping.HFError, match="exists and is not an empty folder"):
+        export.write_folder(cfg, params, f"file://{tmp_path}/bucket/hf", **kw)
+
+    def flaky(a, b):  # the connection drops at the third object
+        if len(uploads) == 2:
+            raise OSError("connection reset")
+        uploads.append(b)
+        real(a, b)
+
+    uploads.clear()
+    monkeypatch.setattr(storage, "copy_file", flaky)
+    with pytest.raises(OSError, match="connection reset"):
+        export.write_folder(cfg, params, f"file://{tmp_path}/bucket/cut", **kw)
+    assert not (tmp_path / "bucket" / "cut").exists() or not os.listdir(tmp_path / "bucket" / "cut")
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "moe-hf-export-*"))
+
+
 def test_unrepresentable_configs_are_one_line_errors_naming_the_field(tmp_path):
     for extra, field in ((["model.num_shared_experts=1"], "model.num_shared_experts"),
                          (["model.router_score=sigmoid", "model.routed_scaling_factor=2.5"], "model.router_score"),

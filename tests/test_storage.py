@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Modules that read or write workdirs: any file operation in them goes through moe.runtime.storage, or is on
 # a local file and says so with a `# local` comment (the metrics' staging copy, a temporary log).
 WORKDIR_MODULES = ["train.py", "eval.py", "moe/train/loop.py", "moe/train/metrics.py", "moe/train/checkpoint.py",
-                   "moe/eval/lm.py", "moe/lm_eval_adapter.py", "moe/data/tokenizer.py", "moe/scaling/runner.py",
+                   "moe/eval/lm.py", "moe/lm_eval_adapter.py", "moe/data/tokenizer.py", "moe/data/hf_tokenizer.py", "moe/scaling/runner.py",
                    "moe/scaling/points.py", "moe/scaling/compare.py", "moe/scaling/plot.py", "moe/scaling/cluster.py"]
 FILE_OPS = re.compile(r"(^|[^.\w])open\(|os\.(makedirs|replace|remove|rename|unlink|listdir|mkdir|path\.(exists|isdir|"
                       r"isfile))|shutil\.|(?<!storage)\.(write_text|read_text|write_bytes|read_bytes|mkdir|iterdir|"

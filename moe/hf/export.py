@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from moe.data import hf_tokenizer
 from moe.hf import mapping
 from moe.hf.mapping import HFError
+from moe.runtime import storage
 
 DTYPES = ("bfloat16", "float32")
 SHARD_BYTES = 5 * 2**30  # what save_pretrained uses by default (5 GB)
@@ -36,12 +38,39 @@ def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
 def write_folder(cfg_model, params: Any, out: str, *, arch: str = "auto", dtype: str = "bfloat16",
                  max_positions: int = 2048, tokenizer=None, max_shard_bytes: int = SHARD_BYTES) -> dict:
     """Writes the HF folder for `params` of a model with config `cfg_model`, with `tokenizer` (ours, either
-    kind: moe/data/hf_tokenizer.py export_files) if given; returns a summary."""
-    from safetensors.numpy import save_file
-
+    kind: moe/data/hf_tokenizer.py export_files) if given; returns a summary. `out` may be a bucket URL: the
+    folder is written on the local disk first, then uploaded file by file, config.json last (an upload cut
+    short is no loadable model, and what it uploaded is deleted)."""
     if dtype not in DTYPES:
         raise HFError(f"--dtype {dtype}: choose bfloat16 or float32")
     arch = mapping.choose_arch(cfg_model, arch)
+    kw = dict(arch=arch, dtype=dtype, max_positions=max_positions, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+    if not storage.is_url(out):
+        return _write_local(cfg_model, params, out, **kw)
+    if storage.exists(out) and (not storage.isdir(out) or storage.listdir(out)):
+        raise HFError(f"--out '{out}' exists and is not an empty folder; pass a new folder")
+    staging = tempfile.mkdtemp(prefix="moe-hf-export-")
+    try:
+        summary = _write_local(cfg_model, params, os.path.join(staging, "hf"), **kw)
+        names = sorted(os.listdir(os.path.join(staging, "hf")), key=lambda n: n == "config.json")
+        done: list[str] = []
+        try:
+            for name in names:
+                storage.copy_file(os.path.join(staging, "hf", name), storage.join(out, name))
+                done.append(name)
+        except BaseException:
+            for name in done:
+                storage.remove(storage.join(out, name))
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dict(summary, out=out)
+
+
+def _write_local(cfg_model, params: Any, out: str, *, arch: str, dtype: str, max_positions: int, tokenizer,
+                 max_shard_bytes: int) -> dict:
+    from safetensors.numpy import save_file
+
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise HFError(f"--out '{out}' exists and is not an empty folder; pass a new folder")
     tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
