@@ -91,6 +91,13 @@ class ModelConfig:
     tie_embeddings: bool = f(True, "share input embedding and output projection (GLaM)")
     qk_norm: bool = f(False, "RMSNorm on queries and keys before RoPE")
     rope_theta: float = f(10000.0, "RoPE base frequency", FPOS)
+    attention: Literal["auto", "splash", "cudnn", "xla", "blockwise"] = f(
+        "auto", "softmax(QK^T)V kernel: auto (TPU splash, GPU cudnn where it takes the case, else xla; CPU "
+        "blockwise) | splash | cudnn | xla | blockwise", resume=True, eval=True)
+    attention_block_q: int = f(0, "splash attention query tile (multiple of 128 dividing train.seq_len); 0 = auto",
+                               NONNEG, resume=True, eval=True)
+    attention_block_kv: int = f(0, "splash attention key/value tile (multiple of 128 dividing train.seq_len); 0 = auto",
+                                NONNEG, resume=True, eval=True)
     norm_eps: float = f(1e-6, "RMSNorm epsilon", FNONNEG)
     init_std: float = f(0.02, "std of the normal initialiser for weights", FNONNEG)
     logit_z_loss: float = f(0.0, "weight of the output-logit z-loss (PaLM uses 1e-4); 0 = off", FNONNEG)
@@ -492,6 +499,8 @@ def validate(cfg: Config) -> None:
     _check(m.num_heads % kv == 0, f"model.num_kv_heads ({kv}) must divide model.num_heads ({m.num_heads})")
     hd = m.head_dim or m.d_model // m.num_heads
     _check(hd % 2 == 0, f"model.head_dim must be even for RoPE, got {hd}")
+    why = splash_unsupported(t.seq_len, hd, m.attention_block_q, m.attention_block_kv, tiles_only=m.attention != "splash")
+    _check(why is None, f"{why} (model.attention={m.attention})")
     if is_moe(m):
         _check(m.num_layers % m.moe_every == 0,
                f"model.moe_every ({m.moe_every}) must divide model.num_layers ({m.num_layers})")
@@ -537,6 +546,26 @@ def check_placement(cfg: Config, *, processes: int = 1, mesh_shape: dict[str, in
 
 def is_moe(m: ModelConfig) -> bool:
     return m.num_experts > 0 and m.moe_every > 0
+
+
+SPLASH_LANES = 128  # the TPU lane width: splash attention tiles and sequence lengths are multiples of it
+
+
+def splash_unsupported(seq_len: int, head_dim: int, block_q: int = 0, block_kv: int = 0, *,
+                       tiles_only: bool = False) -> str | None:
+    """Why the TPU splash-attention kernel (moe/model/splash.py) cannot take these shapes, naming the field and
+    the fix; None if it can. `tiles_only`: check only the configured tiles."""
+    if tiles_only:
+        return splash_unsupported(seq_len, SPLASH_LANES, block_q, block_kv) if block_q or block_kv else None
+    if seq_len % SPLASH_LANES:
+        return f"train.seq_len ({seq_len}) must be a multiple of {SPLASH_LANES} for splash attention"
+    if head_dim % SPLASH_LANES and head_dim != 64:
+        return f"model.head_dim ({head_dim}) must be 64 or a multiple of {SPLASH_LANES} for splash attention"
+    for name, b in (("model.attention_block_q", block_q), ("model.attention_block_kv", block_kv)):
+        if b and (b % SPLASH_LANES or seq_len % b):
+            return (f"{name} ({b}) must be a multiple of {SPLASH_LANES} that divides train.seq_len ({seq_len}); "
+                    "0 = auto")
+    return None
 
 
 def head_dim(m: ModelConfig) -> int:

@@ -127,8 +127,9 @@ def _oom_figures(message: str) -> tuple[float | None, float | None]:
     return None, None
 
 
-def compile_report(cfg: Config, topology: str) -> dict[str, Any]:
-    """Compiles cfg's train step for `topology`; returns the report (memory per device, FLOPs, collectives).
+def compile_report(cfg: Config, topology: str, *, keep_hlo: bool = False) -> dict[str, Any]:
+    """Compiles cfg's train step for `topology`; returns the report (memory per device, FLOPs, collectives,
+    Pallas kernel calls; the compiled HLO text too with `keep_hlo`).
 
     Raises TopologyError for an unknown topology and ConfigError when the mesh does not fit the device
     count; a compile-time HBM OOM is a report with fits=False.
@@ -180,7 +181,10 @@ def compile_report(cfg: Config, topology: str) -> dict[str, Any]:
     peak_b = getattr(mem, "peak_memory_in_bytes", 0) or total_b
     report.update(argument_bytes=args_b, output_bytes=out_b, alias_bytes=alias_b, temp_bytes=temp_b,
                   code_bytes=code_b, total_bytes=total_b, peak_bytes=max(peak_b, total_b), oom=False,
-                  collectives=count_collectives(compiled.as_text()))
+                  collectives=count_collectives(compiled.as_text()),
+                  pallas_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
+    if keep_hlo:
+        report["hlo"] = compiled.as_text()
     report["fits"] = report["peak_bytes"] <= hbm
     return report
 

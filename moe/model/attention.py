@@ -1,7 +1,9 @@
-"""Causal attention over packed documents: `jax.nn.dot_product_attention` on TPU/GPU, a blockwise kernel on CPU.
+"""Causal attention over packed documents, one kernel per platform (`resolve`): TPU the Pallas splash-attention
+kernel (moe/model/splash.py), GPU cuDNN's fused attention (`jax.nn.dot_product_attention(implementation=
+"cudnn")`), XLA's attention where neither takes the shapes, and on CPU the blockwise kernel below.
 
-Owns: the softmax(QK^T)V of `layers.Attention` (projections, RoPE and norms stay there). Must not touch
-parameters or sharding.
+Owns: the softmax(QK^T)V of `layers.Attention` (projections, RoPE and norms stay there) and the choice of kernel.
+Must not touch parameters or sharding.
 
 Shape key: B batch, T query length, S key length, N query heads, K key/value heads, G = N/K query heads per
 key/value head, H head dim. Masking: a query attends to keys at or before it with the same segment id.
@@ -21,22 +23,70 @@ Why a CPU kernel: XLA:CPU runs the softmax of `jax.nn.dot_product_attention` as 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 
+from moe import config
 from moe.model.matmul import einsum_rowmajor
 from moe.runtime.sharding import target_platform
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
-def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+@dataclass(frozen=True)
+class Kernel:
+    """`model.attention` and the splash tiles (`model.attention_block_q/kv`; 0 = auto)."""
+
+    choice: str = "auto"
+    block_q: int = 0
+    block_kv: int = 0
+
+
+def cudnn_takes(dtype, head_dim: int) -> bool:
+    """cuDNN's fused attention: fp16/bf16 inputs and a head dim that is a multiple of 8, at most 128."""
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+
+
+def resolve(kernel: Kernel, platform: str, *, seq_len: int, head_dim: int, dtype) -> str:
+    """The kernel that runs for these shapes on `platform`: splash | cudnn | xla | blockwise.
+
+    auto: TPU -> splash where it takes the shapes (config.splash_unsupported), GPU -> cudnn where it takes them,
+    else XLA's attention; CPU -> blockwise. An explicit choice the platform has not is a ConfigError; an explicit
+    splash/cudnn meeting shapes it cannot take (a generation prompt's length) runs XLA's attention instead."""
+    gpu = platform in ("gpu", "cuda", "rocm")
+    splash_ok = config.splash_unsupported(seq_len, head_dim, kernel.block_q, kernel.block_kv) is None
+    if kernel.choice == "auto":
+        if platform == "tpu":
+            return "splash" if splash_ok else "xla"
+        if gpu:
+            return "cudnn" if cudnn_takes(dtype, head_dim) else "xla"
+        return "blockwise" if platform == "cpu" else "xla"
+    if kernel.choice == "splash" and platform != "tpu":
+        raise config.ConfigError(f"model.attention=splash needs a TPU mesh; this one is {platform} (use auto)")
+    if kernel.choice == "cudnn" and not gpu:
+        raise config.ConfigError(f"model.attention=cudnn needs an NVIDIA GPU mesh; this one is {platform} (use auto)")
+    if kernel.choice == "splash" and not splash_ok or kernel.choice == "cudnn" and not cudnn_takes(dtype, head_dim):
+        return "xla"
+    return kernel.choice
+
+
+def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, segment_ids_BT: jax.Array,
+                     kernel: Kernel = Kernel()) -> jax.Array:
     """softmax(q k^T / sqrt(H) + mask) v per head, in q's dtype; the mask is causal and same-segment."""
-    if target_platform() == "cpu":
+    impl = resolve(kernel, target_platform(), seq_len=q_BTNH.shape[1], head_dim=q_BTNH.shape[-1], dtype=q_BTNH.dtype)
+    if impl == "blockwise":
         return blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+    if impl == "splash":
+        from moe.model.splash import splash_attention
+
+        return splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q=kernel.block_q,
+                                block_kv=kernel.block_kv)
     t = q_BTNH.shape[1]
     mask_B1TT = (jnp.tril(jnp.ones((t, t), bool))[None] & _same_segment(segment_ids_BT))[:, None]
-    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT)
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT,
+                                        implementation="cudnn" if impl == "cudnn" else None)
 
 
 def _same_segment(segment_ids_BT: jax.Array) -> jax.Array:

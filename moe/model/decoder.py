@@ -21,6 +21,7 @@ from flax import nnx
 
 from moe import config
 from moe.config import ModelConfig
+from moe.model.attention import Kernel
 from moe.model.layers import FFN, Attention, Embed, RMSNorm, gathered, param
 from moe.model.matmul import mm
 from moe.model.experts import router
@@ -37,6 +38,10 @@ def compute_dtype(cfg: ModelConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
+def attention_kernel(cfg: ModelConfig) -> Kernel:
+    return Kernel(cfg.attention, cfg.attention_block_q, cfg.attention_block_kv)
+
+
 class Layer(nnx.Module):
     """Pre-norm transformer layer: x + attn(norm(x)), then x + ffn(norm(x)) with a dense or MoE FFN."""
 
@@ -44,7 +49,8 @@ class Layer(nnx.Module):
         dtype = compute_dtype(cfg)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.num_heads, config.kv_heads(cfg), config.head_dim(cfg), qk_norm=cfg.qk_norm,
-                              rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
+                              rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, dtype=dtype, rngs=rngs,
+                              kernel=attention_kernel(cfg))
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoEFFN(cfg, dtype, rngs) if is_moe else FFN(cfg.d_model, cfg.d_ff, cfg.ffn_act, dtype, rngs)
         self.is_moe = is_moe

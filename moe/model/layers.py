@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.model.attention import causal_attention
+from moe.model.attention import Kernel, causal_attention
 from moe.model.matmul import mm
 from moe.runtime.sharding import constrain
 
@@ -69,13 +69,13 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
 class Attention(nnx.Module):
     """Causal multi-head attention with grouped-query heads, optional qk-norm, RoPE, document masking.
 
-    The softmax(QK^T)V is `attention.causal_attention`: `jax.nn.dot_product_attention` (cuDNN flash attention
-    on GPU) off CPU, a blockwise kernel on CPU. Tokens attend only to earlier tokens of the same packed
+    The softmax(QK^T)V is `attention.causal_attention` with the kernel `attention.resolve` picks per platform
+    (TPU splash, GPU cuDNN, CPU blockwise). Tokens attend only to earlier tokens of the same packed
     document (same segment id).
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qk_norm: bool,
-                 rope_theta: float, norm_eps: float, dtype, rngs: nnx.Rngs):
+                 rope_theta: float, norm_eps: float, dtype, rngs: nnx.Rngs, kernel: Kernel = Kernel()):
         self.wq_DNH = param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"))
         self.wk_DKH = param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
         self.wv_DKH = param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
@@ -85,6 +85,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.rope_theta = rope_theta
         self.dtype = dtype
+        self.kernel = kernel
 
     def qkv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         q = mm("BTD,DNH->BTNH", x_BTD, gathered(self.wq_DNH[...], ("embed", "heads", None), self.dtype), self.dtype)
@@ -101,7 +102,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
         q, k, v = self.qkv(x_BTD, positions_BT)
-        return self.out(causal_attention(q, k, v, segment_ids_BT))
+        return self.out(causal_attention(q, k, v, segment_ids_BT, self.kernel))
 
 
 class FFN(nnx.Module):

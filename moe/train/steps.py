@@ -12,6 +12,8 @@ sees only the parameters, and the biases are updated after the optimizer step fr
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from typing import Any, Callable
 
 import jax
@@ -22,8 +24,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe.runtime import sharding
-from moe.config import Config, check_placement, is_moe
-from moe.model.decoder import Decoder, loss_fn
+from moe.config import Config, check_placement, head_dim
+from moe.model import attention
+from moe.model.decoder import Decoder, attention_kernel, compute_dtype, loss_fn
 from moe.model.experts import router
 from moe.train.optim import Optimizer, make_optimizer, make_schedule, skip_stats
 
@@ -82,9 +85,19 @@ def _match_shardings(mesh: Mesh, tree: Any, params_abstract: Any, params_shardin
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logging.getLogger("moe.train").info(message)
+
+
 def build(cfg: Config, mesh: Mesh) -> Setup:
     """Abstract state + shardings, with the divisibility checks done before anything compiles."""
     check_placement(cfg, mesh_shape=dict(mesh.shape), batch_axes=sharding.RULES["act_batch"])
+    m = cfg.model
+    platform = mesh.devices.flat[0].platform
+    kernel = attention.resolve(attention_kernel(m), platform, seq_len=cfg.train.seq_len, head_dim=head_dim(m),
+                               dtype=compute_dtype(m))  # an explicit kernel the platform has not fails here
+    _log_once(f"attention kernel: {kernel} on {platform} (model.attention={m.attention})")
     graphdef, specs = _param_specs(cfg)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     schedule = make_schedule(cfg.optim, cfg.train.steps)
