@@ -111,7 +111,15 @@ class ModelConfig:
     moe_every: int = f(2, "every N-th layer is MoE (GLaM: 2; the first of each group); 1 = all; 0 = dense", NONNEG)
     num_shared_experts: int = f(0, "always-on experts added to the routed output (DeepSeekMoE)", NONNEG)
     dispatch: Literal["capacity", "dropless"] = f(
-        "capacity", "capacity (index gather/scatter, drops overflow) | dropless (ragged_dot)")
+        "capacity", "capacity (index gather/scatter, drops overflow) | dropless (sorted tokens, grouped matmul; "
+        "expert-parallel under a mesh)")
+    dropless_buffer_factor: float = f(
+        2.0, "dropless under a mesh: rows a device may receive, as a multiple of its balanced share; a longer run "
+        "for one peer overflows (counted: overflow_fraction); >= mesh.expert never drops", FPOS, resume=True,
+        eval=True)
+    grouped_matmul: Literal["auto", "ragged", "buckets"] = f(
+        "auto", "dropless grouped matmul: auto (TPU/GPU ragged_dot, CPU buckets) | ragged (lax.ragged_dot) | "
+        "buckets (rows padded into the smallest capacity that holds the largest group)", resume=True, eval=True)
     capacity_factor: float = f(1.25, "training capacity factor: C = ceil(cf * K * T / E)", FPOS)
     eval_capacity_factor: float = f(2.0, "capacity factor of a capacity-dispatch forward pass with train=False "
                                     "(evaluation itself is dropless: moe/eval/lm.py)", FPOS)

@@ -92,8 +92,10 @@ class _Train(nnx.Module):
 
 
 def bench_moe_layer(quick: bool = False, dtype: str = "float32", reps: int = 5,
-                    dropless_experts: tuple[int, ...] = (8, 16)) -> dict:
-    """MoE FFN fwd+bwd time / dense gated FFN with hidden K*F (same active FLOPs), one routing group of T tokens.
+                    dropless_experts: tuple[int, ...] = (8, 16, 32, 64)) -> dict:
+    """MoE FFN fwd+bwd time / dense gated FFN with hidden K*F (same active FLOPs), one routing group of T tokens,
+    for the capacity path and the dropless path (grouped matmul: on CPU the bucketed kernel), timed in the same
+    interleaved rounds.
 
     B=1, T=4096: one routing group of 4096 tokens. The same number of tokens as B sequences of T/B tokens
     (the model's per-sequence groups) gives the same number of slots up to rounding of C, but E*B smaller
@@ -111,20 +113,17 @@ def bench_moe_layer(quick: bool = False, dtype: str = "float32", reps: int = 5,
     for e in experts:
         cfg = ModelConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, capacity_factor=1.25, dtype=dtype)
         fns[f"capacity_e{e}"] = _fwd_bwd(_Train(cfg, cdt), x)
+    for e in dropless_experts:
+        cfg = ModelConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, dispatch="dropless", dtype=dtype)
+        fns[f"dropless_e{e}"] = _fwd_bwd(_Train(cfg, cdt), x)
     ratios, dense_s = _ratios_to("dense", fns, reps)
     out: dict[str, Any] = {f"ratio_e{e}": ratios[f"capacity_e{e}"] for e in experts}
     out["flatness"] = out["ratio_e64"] / out["ratio_e8"]
     out["dense_fwd_bwd_s"] = statistics.median(dense_s)
-    # The dropless path (ragged_dot) falls back to a dense masked matmul over all E groups on CPU: its cost
-    # grows ~E-fold, so by default only the small E are run (one timed round: a round takes minutes at E=64).
-    if dropless_experts:
-        fns = {"dense": fns["dense"]}
-        for e in dropless_experts:
-            cfg = ModelConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, dispatch="dropless", dtype=dtype)
-            fns[f"dropless_e{e}"] = _fwd_bwd(_Train(cfg, cdt), x)
-        ratios, _ = _ratios_to("dense", fns, 1 if not quick else reps)
-        for e in dropless_experts:
-            out[f"dropless_ratio_e{e}"] = ratios[f"dropless_e{e}"]
+    for e in dropless_experts:
+        out[f"dropless_ratio_e{e}"] = ratios[f"dropless_e{e}"]
+    if {8, 64} <= set(dropless_experts):
+        out["dropless_flatness"] = out["dropless_ratio_e64"] / out["dropless_ratio_e8"]
     out.update(tokens=t, d_model=d, d_ff=f, top_k=k, capacity_factor=1.25, dtype=dtype, rounds=reps)
     return out
 

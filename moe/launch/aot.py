@@ -40,7 +40,7 @@ from moe.runtime.peak import chip, chips_of  # noqa: E402
 
 GiB = 1024**3
 
-COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 _OOM_MARKERS = ("RESOURCE_EXHAUSTED", "HbmOom", "Ran out of memory", "out of memory")
 
 

@@ -221,6 +221,8 @@ def loss_fn(model: Decoder, batch: dict, *, train: bool, rng: jax.Array | None =
         metrics["aux_loss"] = jnp.mean(aux["aux_loss"])
         metrics["z_loss"] = jnp.mean(aux["router_z_loss"])
         metrics["drop_fraction"] = jnp.mean(aux["drop_fraction"])
+        if "overflow_fraction" in aux:  # dropless: assignments past the expert-parallel receive buffer
+            metrics["overflow_fraction"] = jnp.mean(aux["overflow_fraction"])
         metrics["router_entropy"] = jnp.mean(aux["router_entropy"])
         metrics["expert_load"] = aux["expert_load"]  # [L_moe, E]
         metrics["expert_counts"] = jax.lax.stop_gradient(aux["expert_counts"])

@@ -53,12 +53,12 @@ def _mm_lowp_bwd(spec: str, res, g: jax.Array):
     (a, b), out = spec.split("->")[0].split(","), spec.split("->")[1]
     g = g.astype(x.dtype)
     dot = einsum_rowmajor if target_platform() == "cpu" else _einsum32
-    dx = _sum_to_type_of(x, dot(f"{out},{b}->{a}", g, w))
-    dw = _sum_to_type_of(w, dot(f"{a},{out}->{b}", x, g))
+    dx = sum_to_type_of(x, dot(f"{out},{b}->{a}", g, w))
+    dw = sum_to_type_of(w, dot(f"{a},{out}->{b}", x, g))
     return dx, dw
 
 
-def _sum_to_type_of(primal: jax.Array, grad32: jax.Array) -> jax.Array:
+def sum_to_type_of(primal: jax.Array, grad32: jax.Array) -> jax.Array:
     """Inside shard_map a gradient varies over every axis its factors vary over; an input invariant over some
     of them (a weight replicated over 'data') gets the sum over those, in fp32, as autodiff's psum would.
     (`manual_axis_type.varying`: the shard_map axes a value varies over; empty outside shard_map.)"""

@@ -81,7 +81,7 @@ def _inverse(slot_TK: jax.Array, num_slots: int) -> jax.Array:
 
 
 @jax.custom_vjp
-def _take_rows(x_ND: jax.Array, rows_M: jax.Array, readers_NR: jax.Array) -> jax.Array:
+def take_rows(x_ND: jax.Array, rows_M: jax.Array, readers_NR: jax.Array) -> jax.Array:
     """out[m] = x[rows[m]] (zero where rows[m] = N), where readers[n] lists every m with rows[m] = n (M = none).
 
     The transpose of a row gather is a scatter-add, which XLA:CPU runs as a serial loop. Because the map is
@@ -97,7 +97,7 @@ def _pad_rows(x_ND: jax.Array) -> jax.Array:
 
 
 def _take_rows_fwd(x_ND, rows_M, readers_NR):
-    return _take_rows(x_ND, rows_M, readers_NR), (rows_M, readers_NR)
+    return take_rows(x_ND, rows_M, readers_NR), (rows_M, readers_NR)
 
 
 def _take_rows_bwd(res, dout_MD):
@@ -106,19 +106,19 @@ def _take_rows_bwd(res, dout_MD):
     return dx_ND, None, None
 
 
-_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def dispatch(x_TD: jax.Array, slot_TK: jax.Array, num_experts: int, cap: int) -> jax.Array:
     """Gathers tokens into the expert buffer [E, C, D]; empty slots are zero.
 
     Built as a gather (slot -> token) rather than a scatter of tokens, and its backward pass is a gather
-    too (token -> its K slots, see `_take_rows`): the forward pass reads each token at most K times.
+    too (token -> its K slots, see `take_rows`): the forward pass reads each token at most K times.
     """
     t, k = slot_TK.shape
     # slot -> token map (T*K // K = T for empty slots: the appended zero row)
     token_of_slot = _inverse(slot_TK, num_experts * cap) // k
-    return _take_rows(x_TD, token_of_slot, slot_TK).reshape(num_experts, cap, x_TD.shape[1])
+    return take_rows(x_TD, token_of_slot, slot_TK).reshape(num_experts, cap, x_TD.shape[1])
 
 
 def combine(y_ECD: jax.Array, slot_TK: jax.Array, gates_TK: jax.Array, kept_TK: jax.Array) -> jax.Array:
@@ -126,23 +126,30 @@ def combine(y_ECD: jax.Array, slot_TK: jax.Array, gates_TK: jax.Array, kept_TK: 
     e, c, d = y_ECD.shape
     t, k = slot_TK.shape
     # each slot is read by at most one (token, choice): its backward is a gather by the inverse map
-    y_TKD = _take_rows(y_ECD.reshape(e * c, d), slot_TK.reshape(-1), _inverse(slot_TK, e * c)[:, None])
+    y_TKD = take_rows(y_ECD.reshape(e * c, d), slot_TK.reshape(-1), _inverse(slot_TK, e * c)[:, None])
     w_TK = jnp.where(kept_TK, gates_TK, 0.0).astype(y_TKD.dtype)
     return jnp.einsum("TKD,TK->TD", y_TKD.reshape(t, k, d), w_TK)
 
 
 def sort_by_expert(experts_TK: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Dropless: order of the T*K assignments sorted by expert (stable), token of each, and group sizes [E]."""
-    t, k = experts_TK.shape
+    """Dropless: the T*K assignments sorted by expert (stable). Returns order_S (flat assignment t*K + k at
+    each sorted position), where_S (its inverse: the sorted position of each flat assignment) and the group
+    sizes [E]. The inverse is an integer scatter of S indices; every row movement is a gather (`take_rows`)."""
     experts_S = experts_TK.reshape(-1)
-    order_S = jnp.argsort(experts_S, stable=True)
-    token_S = order_S // k
+    s = experts_S.shape[0]
+    order_S = jnp.argsort(experts_S, stable=True).astype(jnp.int32)
+    where_S = jnp.zeros((s,), jnp.int32).at[order_S].set(jnp.arange(s, dtype=jnp.int32))
     sizes_E = jnp.zeros((num_experts,), jnp.int32).at[experts_S].add(1)
-    return order_S, token_S, sizes_E
+    return order_S, where_S, sizes_E
 
 
-def unsort_combine(y_SD: jax.Array, order_S: jax.Array, gates_TK: jax.Array) -> jax.Array:
+def gather_sorted(x_TD: jax.Array, order_S: jax.Array, where_S: jax.Array, k: int) -> jax.Array:
+    """The token of every sorted assignment: [S, D] (backward: each token sums its K rows, a gather)."""
+    return take_rows(x_TD, order_S // k, where_S.reshape(-1, k))
+
+
+def unsort_combine(y_SD: jax.Array, order_S: jax.Array, where_S: jax.Array, gates_TK: jax.Array) -> jax.Array:
     """Dropless: puts the sorted expert outputs back in (token, choice) order and mixes them by the gates."""
     t, k = gates_TK.shape
-    y_TKD = jnp.zeros_like(y_SD).at[order_S].set(y_SD).reshape(t, k, -1)
+    y_TKD = take_rows(y_SD, where_S, order_S[:, None]).reshape(t, k, -1)
     return jnp.einsum("TKD,TK->TD", y_TKD, gates_TK.astype(y_TKD.dtype))

@@ -7,10 +7,9 @@ compose. Returns (output, aux) where aux holds the losses and metrics of this la
 Shape key: B batch, T length, D model, F expert hidden, E experts, K top-k, C capacity per expert and group.
 
 Routing groups: with the capacity path each sequence is one routing group (capacity is per sequence), so
-results never depend on how the batch is split over devices. Under expert parallelism the [B, E, C, D]
-buffer is re-sharded from batch-split to expert-split: XLA lowers that to an all-to-all.
-The dropless path routes all B*T tokens as one group with `jax.lax.ragged_dot` (the grouped matmul kernel
-on TPU/GPU; on CPU it falls back to a dense masked matmul over all E groups, docs/performance.md).
+results never depend on how the batch is split over devices. The dropless paths drop nothing (up to the
+expert-parallel receive buffer), so every token's output is its own whatever the split. Which of the four
+dispatch paths runs, and how, is moe/model/experts/paths.py.
 """
 
 from __future__ import annotations
@@ -19,24 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.model.experts import dispatch
-from moe.model.experts import expert_parallel
-from moe.model.experts import router
+from moe.model.experts import paths, router
 from moe.config import ModelConfig
-from moe.model.layers import FFN, gated_act, param
-from moe.model.matmul import mm
-
-
-def expert_ffn(x_GECD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD, act: str, dtype) -> jax.Array:
-    """Every expert's gated FFN on its slots: batched dots over [.., E, C, D].
-
-    The dots run expert-major ([E, G, C, .]): XLA:CPU has no bf16 x bf16 -> f32 kernel for a batched dot
-    whose batch dim is not leading ("Unsupported element type for DotThunk::Execute"); on TPU/GPU the
-    transposes are layout changes XLA folds away.
-    """
-    x_EGCD = x_GECD.transpose(1, 0, 2, 3)
-    h = gated_act(mm("EGCD,EDF->EGCF", x_EGCD, w_gate_EDF, dtype), mm("EGCD,EDF->EGCF", x_EGCD, w_up_EDF, dtype), act)
-    return mm("EGCF,EFD->EGCD", h, w_down_EFD, dtype).transpose(1, 0, 2, 3)
+from moe.model.layers import FFN, param
 
 
 class RouterBias(nnx.Variable):
@@ -74,36 +58,11 @@ class MoEFFN(nnx.Module):
         bias_E = None if self.router_bias_E is None else self.router_bias_E[...]
         routed = jax.vmap(lambda lg: router.route(lg, k, cfg.renormalize_gates, score=cfg.router_score,
                                                   scale=cfg.routed_scaling_factor, bias_E=bias_E))(logits_BTE)
-        experts_BTK, gates_BTK = routed.experts_TK, routed.gates_TK  # fields [B, T, ...]
+        experts_BTK = routed.experts_TK  # routed: fields [B, T, ...]
         flat = router.Routing(*(a.reshape(b * t, *a.shape[2:]) for a in routed))  # every token of the batch
 
-        if cfg.dispatch == "capacity":
-            factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
-            cap = dispatch.capacity(t, e, k, factor, cfg.min_capacity)
-            slot_BTK, kept_BTK = jax.vmap(lambda ex, g: dispatch.assign_slots(ex, e, cap, cfg.drop_policy, g))(
-                experts_BTK, gates_BTK)
-            weights = (self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
-            ffn = lambda x, wg, wu, wd: expert_ffn(x, wg, wu, wd, cfg.ffn_act, self.dtype)  # noqa: E731
-            if expert_parallel.uses_mesh():  # sharded: explicit all-to-all to the experts' devices and back
-                y_BTD = expert_parallel.capacity_moe(x_BTD, slot_BTK, gates_BTK, kept_BTK, *weights, num_experts=e, cap=cap,
-                                        ffn=ffn)
-            else:
-                x_BECD = jax.vmap(lambda x, s: dispatch.dispatch(x, s, e, cap))(x_BTD, slot_BTK)
-                y_BECD = ffn(x_BECD, *weights)
-                y_BTD = jax.vmap(dispatch.combine)(y_BECD, slot_BTK, gates_BTK, kept_BTK)
-            drop_fraction = 1.0 - jnp.mean(kept_BTK.astype(jnp.float32))
-        else:
-            order, token_S, sizes_E = dispatch.sort_by_expert(flat.experts_TK, e)
-            x_SD = x_BTD.reshape(b * t, d)[token_S]
-            g = jax.lax.ragged_dot(x_SD.astype(self.dtype), self.w_gate_EDF[...].astype(self.dtype), sizes_E,
-                                   preferred_element_type=jnp.float32)
-            u = jax.lax.ragged_dot(x_SD.astype(self.dtype), self.w_up_EDF[...].astype(self.dtype), sizes_E,
-                                   preferred_element_type=jnp.float32)
-            h = gated_act(g, u, cfg.ffn_act).astype(self.dtype)
-            y_SD = jax.lax.ragged_dot(h, self.w_down_EFD[...].astype(self.dtype), sizes_E,
-                                      preferred_element_type=jnp.float32)
-            y_BTD = dispatch.unsort_combine(y_SD, order, flat.gates_TK).reshape(b, t, d)
-            drop_fraction = jnp.zeros((), jnp.float32)
+        weights = paths.Experts(self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
+        y_BTD, path_metrics = paths.choose(cfg)(x_BTD, routed, weights, cfg, train, self.dtype)
 
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(x_BTD)
@@ -115,7 +74,7 @@ class MoEFFN(nnx.Module):
             "expert_counts": counts_E,
             "router_z_loss": router.router_z_loss(flat),
             "expert_load": counts_E / (b * t * k),
-            "drop_fraction": drop_fraction,
+            **path_metrics,  # drop_fraction (+ overflow_fraction for the dropless paths)
             "router_entropy": router.router_entropy(flat),
         }
         if cfg.seq_aux_loss_weight > 0:
