@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default="", help="run directory (default: runs/<preset name>); may be gs://")
     p.add_argument("--aot", default="", help="ahead-of-time compile for a TPU topology (e.g. v5e:8x8) and exit")
     p.add_argument("--aot_json", default="", help="with --aot: also write the report as JSON here")
+    p.add_argument("--aot_step", choices=("train", "eval"), default="train",
+                   help="with --aot: compile the train step (default) or the eval step (dropless, same mesh)")
     p.add_argument("--coordinator", default="", help="multi-process: coordinator host:port (else auto-detected)")
     p.add_argument("--num_processes", type=int, default=0, help="multi-process: number of processes")
     p.add_argument("--process_id", type=int, default=-1, help="multi-process: this process's index")
@@ -68,7 +70,7 @@ def run(argv=None) -> int:
         if args.aot:
             from moe.launch.aot import aot_main
 
-            return aot_main(cfg, args.aot, args.aot_json)
+            return aot_main(cfg, args.aot, args.aot_json, args.aot_step)
         init_processes(args.coordinator, args.num_processes, args.process_id)
         train(cfg, args.workdir or os.path.join("runs", cfg.name))
     except (ConfigError, DataError, CheckpointError) as e:

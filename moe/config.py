@@ -117,6 +117,9 @@ class ModelConfig:
         2.0, "dropless under a mesh: rows a device may receive, as a multiple of its balanced share; a longer run "
         "for one peer overflows (counted: overflow_fraction); >= mesh.expert never drops", FPOS, resume=True,
         eval=True)
+    eval_dropless_buffer_factor: float = f(
+        0.0, "dropless_buffer_factor of evaluation (eval.py, the in-training eval); 0 = the worst case, an exact "
+        "no-drop eval", FNONNEG, resume=True, eval=True)
     grouped_matmul: Literal["auto", "ragged", "buckets"] = f(
         "auto", "dropless grouped matmul: auto (TPU/GPU ragged_dot, CPU buckets) | ragged (lax.ragged_dot) | "
         "buckets (rows padded into the smallest capacity that holds the largest group)", resume=True, eval=True)

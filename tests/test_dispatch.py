@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -188,3 +189,27 @@ def test_send_chunk_arithmetic():
 def test_bad_dropless_settings_are_config_errors(overrides, field):
     with pytest.raises(ConfigError, match=field):
         load_config("configs/tiny.yaml", ["model.dispatch=dropless", *overrides])
+
+
+# --- the TPU compile: ragged exchange, and the eval step on the training mesh --------------------------------
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (jax[tpu])")
+SMALL_TPU = ["model.vocab_size=512", "model.d_model=128", "model.num_heads=2", "model.head_dim=128", "model.d_ff=256",
+             "model.num_layers=2", "model.num_experts=4", "train.batch_size=8", "train.seq_len=256",
+             "optim.name=adafactor", "mesh.data=-1", "mesh.expert=2"]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("step", ["train", "eval"])
+def test_tpu_compile_of_dropless_uses_the_ragged_exchange(step):
+    """For a TPU the expert-parallel dropless path exchanges with ragged-all-to-all (XLA:CPU has none, so
+    only a compile can show it); the eval step (train.py --aot_step eval) is dropless whatever the run's
+    dispatch, on the run's mesh."""
+    from moe.launch import aot
+
+    dispatch = "dropless" if step == "train" else "capacity"
+    cfg = load_config("configs/tiny.yaml", [*SMALL_TPU, f"model.dispatch={dispatch}"])
+    with jax.default_matmul_precision("default"):  # as a run compiles (conftest sets "highest")
+        r = aot.compile_report(cfg, "v5e:2x2", step=step)
+    assert r["fits"] and r["step"] == step and r["mesh"]["expert"] == 2
+    assert r["collectives"]["ragged-all-to-all"] >= 2  # there and back (forward; the backward adds more)

@@ -207,7 +207,7 @@ RESUME_CHANGES = {  # every key the config declares resumable, with a changed va
     "train.log_every": "2", "train.eval_every": "7", "train.eval_batches": "2", "train.init_from": None,
     "train.spike_factor": "3.0", "train.spike_window": "5", "train.progress": "true", "train.host_malloc": "system",
     "mesh.fsdp": "2", "checkpoint.every": "7", "model.attention": "xla", "model.dropless_buffer_factor": "3.0",
-    "model.grouped_matmul": "ragged",
+    "model.grouped_matmul": "ragged", "model.eval_dropless_buffer_factor": "2.0",
 }
 # Splash tiles must divide train.seq_len in multiples of 128, which these 64-token runs cannot: their
 # resumability is checked on the configs alone (resume_diff is what a resume consults).

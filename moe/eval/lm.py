@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 from typing import Any, Sequence
@@ -35,6 +36,8 @@ from moe.runtime.sharding import batch_ways, make_mesh
 from moe.data import tokenizer
 from moe.data.corpus import DataError
 from moe.data.tokenizer import Tokenizer
+
+log = logging.getLogger("moe.eval")
 
 LENGTH_MULTIPLE = 16  # scored rows are padded to a multiple of this (fewer compilations, little waste)
 
@@ -75,7 +78,9 @@ def eval_config(cfg: config.Config, batch_size: int | None, ways: int) -> config
     batch size rounded up to a multiple of the mesh's batch ways."""
     bs = batch_size or cfg.train.batch_size
     bs = -(-bs // ways) * ways
-    model = {"dispatch": "dropless"} if config.is_moe(cfg.model) else {}
+    # Buffers of the worst case (a factor >= the expert axis; E always is) unless the run asks for less.
+    factor = cfg.model.eval_dropless_buffer_factor or float(cfg.model.num_experts)
+    model = {"dispatch": "dropless", "dropless_buffer_factor": factor} if config.is_moe(cfg.model) else {}
     return config.replace(cfg, model=model, train={"batch_size": bs}, optim={"grad_accum": 1})
 
 
@@ -153,17 +158,25 @@ def evaluate_lm(run: Run, split: str | None = None, max_batches: int | None = No
         run.cache["eval_step"] = train_steps.make_eval_step(run.setup)
     step_fn = run.cache["eval_step"]
     sums = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+    overflow = 0.0
     for batch in data_lib.eval_batches(run.cfg, run.tok, split, max_batches, jax.process_index(),
                                        jax.process_count()):
         out = jax.device_get(step_fn(run.params, train_steps.device_batch(run.setup, batch)))
         for k in sums:
             sums[k] += float(out[k])
+        overflow = max(overflow, float(out.get("overflow_fraction", 0.0)))
     if not sums["tokens"]:
         raise EvalError(f"split '{split or run.cfg.data.eval_split}' has no tokens to evaluate")
     loss = sums["loss_sum"] / sums["tokens"]
     # bits per byte (Gao et al. 2020, The Pile): total nats / ln 2 / UTF-8 bytes of the targets.
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": sums["loss_sum"] / math.log(2) / sums["bytes"],
-            "tokens": sums["tokens"], "bytes": sums["bytes"], "loss_sum": sums["loss_sum"]}
+    result = {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": sums["loss_sum"] / math.log(2) / sums["bytes"],
+              "tokens": sums["tokens"], "bytes": sums["bytes"], "loss_sum": sums["loss_sum"]}
+    if overflow > 0:  # the expert-parallel receive buffer cut assignments off: not a no-drop evaluation
+        log.warning("eval: up to %.4f of the expert assignments of a batch overflowed the receive buffer "
+                    "(model.eval_dropless_buffer_factor %g); 0 gives an exact no-drop eval", overflow,
+                    run.cfg.model.dropless_buffer_factor)
+        result["max_overflow_fraction"] = overflow
+    return result
 
 
 # --- scoring (context, continuation) pairs -------------------------------------------------------

@@ -127,9 +127,10 @@ def _oom_figures(message: str) -> tuple[float | None, float | None]:
     return None, None
 
 
-def compile_report(cfg: Config, topology: str, *, keep_hlo: bool = False) -> dict[str, Any]:
-    """Compiles cfg's train step for `topology`; returns the report (memory per device, FLOPs, collectives,
-    Pallas kernel calls; the compiled HLO text too with `keep_hlo`).
+def compile_report(cfg: Config, topology: str, *, keep_hlo: bool = False, step: str = "train") -> dict[str, Any]:
+    """Compiles cfg's train step (or, with step="eval", the eval step eval.py and the in-training eval run:
+    the eval config of moe/eval/lm.py, i.e. dropless, on the same mesh) for `topology`; returns the report
+    (memory per device, FLOPs, collectives, Pallas kernel calls; the compiled HLO text too with `keep_hlo`).
 
     Raises TopologyError for an unknown topology and ConfigError when the mesh does not fit the device
     count; a compile-time HBM OOM is a report with fits=False.
@@ -142,26 +143,41 @@ def compile_report(cfg: Config, topology: str, *, keep_hlo: bool = False) -> dic
     dev = devices[0]
     hbm = hbm_bytes(dev)
     mesh = make_mesh(cfg.mesh, devices)
+    if step == "eval":
+        from moe.eval.lm import eval_config
+        from moe.runtime.sharding import batch_ways
+
+        cfg = eval_config(cfg, None, batch_ways(mesh))
     setup = train_steps.build(cfg, mesh)
     total_params, active_params = param_counts(cfg.model)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     model_flops = flops_per_token(cfg.model, cfg.train.seq_len) * tokens
     report: dict[str, Any] = {
-        "config": cfg.name, "topology": topology, "device_kind": dev.device_kind, "devices": len(devices),
+        "config": cfg.name, "step": step, "topology": topology, "device_kind": dev.device_kind, "devices": len(devices),
         "mesh": dict(mesh.shape), "params_total": total_params, "params_active": active_params,
         "tokens_per_step": tokens, "model_flops_per_step": model_flops,
         "model_flops_per_device": model_flops / len(devices),
         "ideal_step_s": model_flops / (chip(dev.device_kind).peak_bf16 * chips_of(devices)),
-        "state_bytes_per_device": _state_bytes_per_device(setup.abstract_state),
+        "state_bytes_per_device": _state_bytes_per_device(  # the eval step holds the params only
+            setup.abstract_state["params"] if step == "eval" else setup.abstract_state),
         "hbm_bytes_per_device": hbm,
     }
-    # The same jit as train_steps.make_train_step, built here so that `.lower` is at hand whatever that wraps it in.
-    step = jax.jit(train_steps.train_step_fn(setup), in_shardings=(setup.state_shardings, train_steps.batch_shardings(setup)),
-                   out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+    # The same jits as train_steps.make_train_step / make_eval_step, built here so that `.lower` is at hand
+    # whatever those wrap them in.
+    if step == "eval":
+        fn = jax.jit(train_steps.eval_step_fn(setup), in_shardings=(setup.param_shardings, train_steps.batch_shardings(setup)))
+        args = (setup.abstract_state["params"], abstract_batch(setup))
+        report["model_flops_per_step"] /= 3  # a forward pass only
+        report["model_flops_per_device"] /= 3
+        report["ideal_step_s"] /= 3
+    else:
+        fn = jax.jit(train_steps.train_step_fn(setup), in_shardings=(setup.state_shardings, train_steps.batch_shardings(setup)),
+                     out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+        args = (setup.abstract_state, abstract_batch(setup))
     t0 = time.perf_counter()
     try:
         with jax.set_mesh(mesh):  # activates the model's `constrain` hints, as on the real pod
-            lowered = step.lower(setup.abstract_state, abstract_batch(setup))
+            lowered = fn.lower(*args)
         compiled = lowered.compile()
     except Exception as e:  # XlaRuntimeError; its type is not public API, so match the message
         if not any(m in str(e) for m in _OOM_MARKERS):
@@ -192,11 +208,12 @@ def compile_report(cfg: Config, topology: str, *, keep_hlo: bool = False) -> dic
 def format_report(r: dict[str, Any]) -> str:
     g = lambda b: "?" if b is None else f"{b / GiB:.2f} GiB"  # noqa: E731
     lines = [
-        f"aot: {r['config']} on {r['topology']}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}",
+        f"aot: {r['config']} {r.get('step', 'train')} step on {r['topology']}: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}",
         f"  params: {r['params_total']:,} total, {r['params_active']:,} active per token",
         f"  model FLOPs per step: {r['model_flops_per_step']:.3e} ({r['tokens_per_step']:,} tokens; "
         f"{r['model_flops_per_device']:.3e} per device; {r['ideal_step_s']:.3g} s at 100% MFU)",
-        f"  state per device (params + optimizer, from shardings): {g(r['state_bytes_per_device'])}",
+        f"  state per device ({'params' if r.get('step') == 'eval' else 'params + optimizer'}, from shardings): "
+        f"{g(r['state_bytes_per_device'])}",
         f"  compile: {r['compile_s']:.1f} s",
     ]
     if r["oom"]:
@@ -214,10 +231,10 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def aot_main(cfg: Config, topology: str, json_path: str = "") -> int:
+def aot_main(cfg: Config, topology: str, json_path: str = "", step: str = "train") -> int:
     """train.py --aot: print the report (and write it as JSON); 0 fits, 1 does not fit, 2 bad topology."""
     try:
-        report = compile_report(cfg, topology)
+        report = compile_report(cfg, topology, step=step)
     except TopologyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

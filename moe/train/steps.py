@@ -247,17 +247,25 @@ def _in_mesh(mesh: Mesh, fn: Callable) -> Callable:
     return call
 
 
-def make_eval_step(setup: Setup) -> Callable:
-    """jit(params, batch) -> token-weighted sums {loss_sum, tokens, bytes}, so means are exact over batches."""
+def eval_step_fn(setup: Setup) -> Callable:
+    """(params, batch) -> token-weighted sums {loss_sum, tokens, bytes}, so means are exact over batches; with
+    the expert-parallel dropless path also `overflow_fraction` (0 unless its receive buffer overflowed)."""
 
     def eval_step(params, batch):
         _, m = loss_fn(nnx.merge(setup.graphdef, params), batch, train=False)
         out = {"loss_sum": m["loss"] * m["tokens"], "tokens": m["tokens"]}
         if "target_bytes" in batch:
             out["bytes"] = jnp.sum(batch["target_bytes"])
+        if "overflow_fraction" in m:
+            out["overflow_fraction"] = m["overflow_fraction"]
         return out
 
-    return _in_mesh(setup.mesh, jax.jit(eval_step, in_shardings=(setup.param_shardings, None)))
+    return eval_step
+
+
+def make_eval_step(setup: Setup) -> Callable:
+    """jit(params, batch) of `eval_step_fn`."""
+    return _in_mesh(setup.mesh, jax.jit(eval_step_fn(setup), in_shardings=(setup.param_shardings, None)))
 
 
 def device_batch(setup: Setup, batch: dict) -> dict:
