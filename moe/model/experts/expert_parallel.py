@@ -159,7 +159,8 @@ def dropless_moe(x_BTD, experts_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD
                            share=s / e_local, max_group=n * min(chunk, tokens))
         if tensor:  # F is split: each device holds a partial sum of the down projection
             y_RD = jax.lax.psum(y_RD, tensor)
-        y_recv = dispatch.take_rows(y_RD.astype(x.dtype), where_R, order_R[:, None])
+        # fp32 back, as the capacity path: rounding each expert output before the gate mix would add error
+        y_recv = dispatch.take_rows(y_RD, where_R, order_R[:, None])
         y_send = _exchange(y_recv, 0, recv_n, exp, chunk, exchange)[0] if exp else y_recv
         y_TKD = dispatch.take_rows(y_send, slot_flat, flat_of_slot[:, None]).reshape(tokens, k, d)
         y = jnp.einsum("TKD,TK->TD", y_TKD, gates.reshape(tokens, k).astype(y_TKD.dtype))
