@@ -120,9 +120,16 @@ class ModelConfig:
     eval_dropless_buffer_factor: float = f(
         0.0, "dropless_buffer_factor of evaluation (eval.py, the in-training eval); 0 = the worst case, an exact "
         "no-drop eval", FNONNEG, resume=True, eval=True)
-    grouped_matmul: Literal["auto", "ragged", "buckets"] = f(
+    grouped_matmul: Literal["auto", "ragged", "buckets", "megablox"] = f(
         "auto", "dropless grouped matmul: auto (TPU/GPU ragged_dot, CPU buckets) | ragged (lax.ragged_dot) | "
-        "buckets (rows padded into the smallest capacity that holds the largest group)", resume=True, eval=True)
+        "buckets (rows padded into the smallest capacity that holds the largest group) | megablox (TPU Pallas "
+        "gmm/tgmm)", resume=True, eval=True)
+    megablox_tile_m: int = f(512, "megablox row tile (multiple of 128; the rows are padded to a multiple of it)",
+                             ATLEAST1, resume=True, eval=True)
+    megablox_tile_k: int = f(1024, "megablox contracting-dim tile (multiple of 128; cut to the matrix if longer)",
+                             ATLEAST1, resume=True, eval=True)
+    megablox_tile_n: int = f(1024, "megablox output-dim tile (multiple of 128; cut to the matrix if longer)",
+                             ATLEAST1, resume=True, eval=True)
     capacity_factor: float = f(1.25, "training capacity factor: C = ceil(cf * K * T / E)", FPOS)
     eval_capacity_factor: float = f(2.0, "capacity factor of a capacity-dispatch forward pass with train=False "
                                     "(evaluation itself is dropless: moe/eval/lm.py)", FPOS)
@@ -512,6 +519,10 @@ def validate(cfg: Config) -> None:
     _check(hd % 2 == 0, f"model.head_dim must be even for RoPE, got {hd}")
     why = splash_unsupported(t.seq_len, hd, m.attention_block_q, m.attention_block_kv, tiles_only=m.attention != "splash")
     _check(why is None, f"{why} (model.attention={m.attention})")
+    for name in ("megablox_tile_m", "megablox_tile_k", "megablox_tile_n"):
+        tile = getattr(m, name)
+        _check(tile % SPLASH_LANES == 0, f"model.{name} ({tile}) must be a multiple of {SPLASH_LANES} (the TPU "
+                                         "lane width) for the megablox kernels")
     if is_moe(m):
         _check(m.num_layers % m.moe_every == 0,
                f"model.moe_every ({m.moe_every}) must divide model.num_layers ({m.num_layers})")
@@ -559,7 +570,7 @@ def is_moe(m: ModelConfig) -> bool:
     return m.num_experts > 0 and m.moe_every > 0
 
 
-SPLASH_LANES = 128  # the TPU lane width: splash attention tiles and sequence lengths are multiples of it
+SPLASH_LANES = 128  # the TPU lane width: splash / megablox tiles and splash sequence lengths are multiples of it
 
 
 def splash_unsupported(seq_len: int, head_dim: int, block_q: int = 0, block_kv: int = 0, *,

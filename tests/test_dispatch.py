@@ -105,8 +105,10 @@ def test_choose_picks_the_path_for_dispatch_and_mesh():
 # --- the grouped matmul ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kernel", ["buckets", "ragged"])
+@pytest.mark.parametrize("kernel", ["buckets", "ragged", "megablox"])
 def test_grouped_ffn_matches_per_row_loop_forward_and_grads(kernel):
+    """megablox runs in the Pallas interpreter here (its rows padded to the 128-row tile, the k / n tiles cut to
+    D and F); a TPU compile of it is below."""
     r, g = 40, 4
     sizes = jnp.array([10, 0, 20, 5], jnp.int32)  # an empty group, and 5 padding rows at the end
     ks = jax.random.split(jax.random.key(3), 5)
@@ -120,7 +122,8 @@ def test_grouped_ffn_matches_per_row_loop_forward_and_grads(kernel):
         return jnp.stack(rows)
 
     def fast(x, wg, wu, wd):
-        return gmm.grouped_ffn(x, sizes, wg, wu, wd, act="geglu", dtype=jnp.float32, kernel=kernel)
+        kw = {"tiles": (128, 128, 128), "interpret": True} if kernel == "megablox" else {}
+        return gmm.grouped_ffn(x, sizes, wg, wu, wd, act="geglu", dtype=jnp.float32, kernel=kernel, **kw)
 
     ct = jax.random.normal(ks[4], (r, D))
     y, y_ref = jax.jit(fast)(x, *ws), loop(x, *ws)
@@ -185,10 +188,51 @@ def test_send_chunk_arithmetic():
     (["model.dropless_buffer_factor=0"], "model.dropless_buffer_factor"),
     (["model.dropless_buffer_factor=-1.5"], "model.dropless_buffer_factor"),
     (["model.grouped_matmul=megablocks"], "model.grouped_matmul"),
+    (["model.megablox_tile_m=100"], "model.megablox_tile_m"),
+    (["model.megablox_tile_k=64"], "model.megablox_tile_k"),
+    (["model.megablox_tile_n=0"], "model.megablox_tile_n"),
 ])
 def test_bad_dropless_settings_are_config_errors(overrides, field):
     with pytest.raises(ConfigError, match=field):
         load_config("configs/tiny.yaml", ["model.dispatch=dropless", *overrides])
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, expert=2), dict(fsdp=2, expert=4)])
+def test_megablox_under_a_mesh_matches_loop_reference(mesh):
+    """The expert-parallel dropless step with the megablox kernels (Pallas interpreter) in a shard_map without
+    the varying-axes check (its pallas_calls declare none): forward and gradients equal the loop reference,
+    so the shard_map's own transpose sums the replicated weights' cotangents over data and fsdp."""
+    e, k = 4, 2
+    cfg = _cfg(e, k)
+    params = _params(e)
+    x = jax.random.normal(jax.random.key(1), (B, T, D))
+    ct = jax.random.normal(jax.random.key(2), (B, T, D))
+    choices, kept = reference_routing(x, params["w_router_DE"], k, cap=None)
+    ref = lambda p, xx: reference_moe(xx, p, choices, kept, renormalize=True)  # noqa: E731
+
+    def fn(p, xx):
+        logits = jnp.einsum("BTD,DE->BTE", xx, p["w_router_DE"])
+        r = jax.vmap(lambda lg: router.route(lg, k, True))(logits)
+        ffn = lambda *a, **kw: gmm.grouped_ffn(*a, act=cfg.ffn_act, dtype=jnp.float32, kernel="megablox",  # noqa: E731
+                                               tiles=(128, 128, 128), interpret=True, **kw)
+        return expert_parallel.dropless_moe(xx, r.experts_TK, r.gates_TK, p["w_gate_EDF"], p["w_up_EDF"],
+                                            p["w_down_EFD"], num_experts=e, buffer_factor=4.0, exchange="dense",
+                                            grouped_ffn=ffn, check_vma=False)[0]
+
+    loss = lambda f: lambda p, xx: jnp.sum(f(p, xx) * ct)  # noqa: E731
+    y_ref, g_ref = jax.jit(ref)(params, x), jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(params, x)
+    with jax.set_mesh(make_mesh(MeshConfig(**mesh))):
+        y = jax.jit(fn)(params, x)
+        g = jax.jit(jax.grad(loss(fn), argnums=(0, 1)))(params, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=TOL, atol=TOL)
+    for (name, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=TOL, atol=TOL, err_msg=f"{mesh} {name}")
+
+
+def test_megablox_off_tpu_is_a_config_error():
+    cfg = _cfg(1, 1, grouped_matmul="megablox")
+    with pytest.raises(ConfigError, match="model.grouped_matmul=megablox needs a TPU"):
+        paths._grouped(cfg, jnp.float32)
 
 
 # --- the TPU compile: ragged exchange, and the eval step on the training mesh --------------------------------
@@ -213,3 +257,18 @@ def test_tpu_compile_of_dropless_uses_the_ragged_exchange(step):
         r = aot.compile_report(cfg, "v5e:2x2", step=step)
     assert r["fits"] and r["step"] == step and r["mesh"]["expert"] == 2
     assert r["collectives"]["ragged-all-to-all"] >= 2  # there and back (forward; the backward adds more)
+
+
+@needs_libtpu
+def test_tpu_compile_of_megablox_grouped_matmul():
+    """model.grouped_matmul=megablox compiles for a TPU inside the expert-parallel dropless step: the forward
+    gmm x3 (gate, up, down), the backward's dx gmm x3 and dw tgmm x3 are Mosaic kernels (attention is XLA's
+    here, so every Pallas call is a megablox one)."""
+    from moe.launch import aot
+
+    cfg = load_config("configs/tiny.yaml", [*SMALL_TPU, "model.dispatch=dropless", "model.grouped_matmul=megablox",
+                                            "model.attention=xla"])
+    with jax.default_matmul_precision("default"):
+        r = aot.compile_report(cfg, "v5e:2x2")
+    assert r["fits"] and r["collectives"]["ragged-all-to-all"] >= 2
+    assert r["pallas_calls"] >= 9, r["pallas_calls"]

@@ -211,7 +211,9 @@ RESUME_CHANGES = {  # every key the config declares resumable, with a changed va
 }
 # Splash tiles must divide train.seq_len in multiples of 128, which these 64-token runs cannot: their
 # resumability is checked on the configs alone (resume_diff is what a resume consults).
-TILE_CHANGES = {"model.attention_block_q": "128", "model.attention_block_kv": "256"}
+# The megablox tiles only act on a TPU (the kernel is Pallas/Mosaic): checked the same way.
+TILE_CHANGES = {"model.attention_block_q": "128", "model.attention_block_kv": "256", "model.megablox_tile_m": "256",
+                "model.megablox_tile_k": "512", "model.megablox_tile_n": "2048"}
 
 
 def test_resume_after_changing_each_resumable_key(reference, tmp_path):

@@ -112,10 +112,15 @@ def _exchange(v_RX, fill, sizes_n, axis: tuple[str, ...], chunk: int, how: str):
 
 
 def dropless_moe(x_BTD, experts_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD, *, num_experts: int,
-                 buffer_factor: float, exchange: str, grouped_ffn: Callable) -> tuple[jax.Array, jax.Array]:
+                 buffer_factor: float, exchange: str, grouped_ffn: Callable,
+                 check_vma: bool = True) -> tuple[jax.Array, jax.Array]:
     """sort -> exchange -> grouped FFN -> exchange back -> combine (module docstring), one shard_map over the
     whole mesh. `grouped_ffn(x_RD, sizes_G, wg, wu, wd, share=, max_group=) -> y_RD` (fp32) runs the local
-    experts; `exchange`: ragged | dense. Returns (y_BTD, overflow_fraction over the whole batch)."""
+    experts; `exchange`: ragged | dense. Returns (y_BTD, overflow_fraction over the whole batch).
+
+    `check_vma=False` for a grouped FFN whose Pallas calls declare no varying axes for their outputs (megablox):
+    the shard_map's transpose then sums the replicated weights' cotangents over the batch axes itself (tested
+    against the loop reference under meshes with data and fsdp axes)."""
     w_spec = logical_to_spec(("exp", "embed", "mlp"))
     w_down_spec = logical_to_spec(("exp", "mlp", "embed"))
     gather_in, tensor, exp = _axes(w_spec[1]), _axes(w_spec[2]), _axes(w_spec[0])
@@ -170,5 +175,5 @@ def dropless_moe(x_BTD, experts_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD
             dropped, total = jax.lax.psum(dropped, row_axes), total * jax.lax.axis_size(row_axes)
         return y.reshape(b, t, d), dropped / total
 
-    return jax.shard_map(local, in_specs=(row, row, row, w_spec, w_spec, w_down_spec), out_specs=(row, P()))(
-        x_BTD, experts_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    return jax.shard_map(local, in_specs=(row, row, row, w_spec, w_spec, w_down_spec), out_specs=(row, P()),
+                         check_vma=check_vma)(x_BTD, experts_BTK, gates_BTK, w_gate_EDF, w_up_EDF, w_down_EFD)

@@ -6,6 +6,10 @@ Owns: `grouped_ffn` and the two kernels behind it, chosen by the platform the co
     tpu, gpu   `jax.lax.ragged_dot` (XLA's grouped matmul), with the mixed-precision backward of `mm`
                written out for it (`_ragged_mm`): the cotangent in the compute dtype, fp32 accumulation,
                dx as a ragged dot with the transposed weights, dw as a ragged-contracting dot.
+    tpu        (`model.grouped_matmul=megablox`) the Pallas megablox kernels (`_megablox_mm`: `gmm` forward
+               and dx, `tgmm` for dw) with the same mixed-precision backward; rows are padded to a multiple
+               of the row tile (`model.megablox_tile_m`), the k / n tiles are cut to the matrix where it is
+               smaller. On another platform only the Pallas interpreter runs it (`interpret=True`, tests).
     cpu        `_bucketed_ffn`: XLA:CPU lowers ragged_dot to a dense masked matmul over all G groups (cost
                x G). Instead the rows are padded per group into a [G, C, D] buffer and the FFN runs as the
                capacity path's batched dots, where C is the smallest of a fixed ladder of capacities
@@ -25,6 +29,7 @@ kept (zeros for the rungs not taken: memory of the whole ladder). Its forward ke
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import jax
@@ -46,10 +51,12 @@ def bucket_caps(share: float, top: int) -> tuple[int, ...]:
 
 
 def grouped_ffn(x_RD: jax.Array, sizes_G: jax.Array, w_gate_GDF, w_up_GDF, w_down_GFD, *, act: str, dtype,
-                share: float | None = None, max_group: int | None = None, kernel: str = "auto") -> jax.Array:
+                share: float | None = None, max_group: int | None = None, kernel: str = "auto",
+                tiles: tuple[int, int, int] = (512, 1024, 1024), interpret: bool = False) -> jax.Array:
     """y[r] = FFN_g(x[r]) for the group g that row r falls in (rows sorted by group, `sizes_G` rows each).
 
-    `kernel`: auto (by platform, module docstring) | ragged | buckets. `share`: a group's rows under balanced
+    `kernel`: auto (by platform, module docstring) | ragged | buckets | megablox (`tiles`: its (m, k, n)
+    tiles; `interpret`: the Pallas interpreter, for a platform without Mosaic). `share`: a group's rows under balanced
     routing (default R / G; less when part of the R rows is padding); `max_group` bounds any group's size
     (e.g. the number of tokens, since a token picks an expert at most once; default R): the top rung.
     """
@@ -59,6 +66,11 @@ def grouped_ffn(x_RD: jax.Array, sizes_G: jax.Array, w_gate_GDF, w_up_GDF, w_dow
         g = _ragged(x_RD, w_gate_GDF, sizes_G, dtype)
         u = _ragged(x_RD, w_up_GDF, sizes_G, dtype)
         return _ragged(gated_act(g, u, act), w_down_GFD, sizes_G, dtype)
+    if kernel == "megablox":
+        mb = functools.partial(_megablox, sizes_G=sizes_G, dtype=dtype, tiles=tiles, interpret=interpret)
+        rows, pad = x_RD.shape[0], -x_RD.shape[0] % tiles[0]
+        x = jnp.pad(x_RD.astype(dtype), ((0, pad), (0, 0)))
+        return mb(gated_act(mb(x, w_gate_GDF), mb(x, w_up_GDF), act), w_down_GFD)[:rows]
     rows, groups = x_RD.shape[0], w_gate_GDF.shape[0]
     caps = bucket_caps(rows / groups if share is None else share, rows if max_group is None else min(rows, max_group))
     return _bucketed_ffn(act, jnp.dtype(dtype), caps, x_RD, sizes_G, w_gate_GDF, w_up_GDF, w_down_GFD)
@@ -95,6 +107,51 @@ def _ragged_mm_bwd(res, g_RN):
 
 
 _ragged_mm.defvjp(_ragged_mm_fwd, _ragged_mm_bwd)
+
+
+# --- TPU: Pallas megablox ---------------------------------------------------------------------------------
+
+
+def _megablox(x_RK: jax.Array, w_GKN: jax.Array, *, sizes_G, dtype, tiles, interpret) -> jax.Array:
+    tm, tk, tn = tiles
+    k, n = w_GKN.shape[1:]
+    # A tile longer than the matrix is cut to it (a block equal to the whole dim is always legal in Mosaic).
+    fit = (tm, min(tk, k), min(tn, n))
+    return _megablox_mm(fit, interpret, x_RK.astype(dtype), w_GKN.astype(dtype), sizes_G.astype(jnp.int32))
+
+
+def _mb():
+    """The megablox kernel module (the package's `gmm` name is its custom-VJP wrapper, not the module)."""
+    return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _megablox_mm(tiles, interpret, x_RK, w_GKN, sizes_G):
+    return _rows_in_groups(_mb().gmm(x_RK, w_GKN, sizes_G, jnp.float32, tiles, interpret=interpret), sizes_G)
+
+
+def _rows_in_groups(y_RN: jax.Array, sizes_G: jax.Array) -> jax.Array:
+    """Zero the rows after the last group: megablox leaves them unwritten (whatever the buffer held)."""
+    return jnp.where(jnp.arange(y_RN.shape[0])[:, None] < jnp.sum(sizes_G), y_RN, 0.0)
+
+
+def _megablox_fwd(tiles, interpret, x_RK, w_GKN, sizes_G):
+    return _megablox_mm(tiles, interpret, x_RK, w_GKN, sizes_G), (x_RK, w_GKN, sizes_G)
+
+
+def _megablox_bwd(tiles, interpret, res, g_RN):
+    mb = _mb()
+    x_RK, w_GKN, sizes_G = res
+    g = g_RN.astype(x_RK.dtype)
+    tm, tk, tn = tiles
+    dx = _rows_in_groups(mb.gmm(g, w_GKN, sizes_G, jnp.float32, (tm, tn, tk), transpose_rhs=True,
+                                interpret=interpret), sizes_G)
+    dw = mb.tgmm(x_RK.T, g, sizes_G, jnp.float32, (tm, tk, tn), num_actual_groups=w_GKN.shape[0],
+                 interpret=interpret)
+    return sum_to_type_of(x_RK, dx), sum_to_type_of(w_GKN, dw), None
+
+
+_megablox_mm.defvjp(_megablox_fwd, _megablox_bwd)
 
 
 # --- CPU: rows padded into the smallest rung that holds the largest group --------------------------------

@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe.config import ModelConfig
+from moe.config import ConfigError, ModelConfig
 from moe.model.experts import dispatch, expert_parallel, gmm
 from moe.model.experts.router import Routing
 from moe.model.layers import gated_act
@@ -77,8 +77,12 @@ def capacity_ep(x_BTD, r: Routing, w: Experts, cfg: ModelConfig, train: bool, dt
 
 
 def _grouped(cfg: ModelConfig, dtype) -> Callable:
+    if cfg.grouped_matmul == "megablox" and target_platform() != "tpu":
+        raise ConfigError(f"model.grouped_matmul=megablox needs a TPU mesh; this one is {target_platform()} "
+                          "(use auto)")
+    tiles = (cfg.megablox_tile_m, cfg.megablox_tile_k, cfg.megablox_tile_n)
     return lambda x, sizes, wg, wu, wd, **kw: gmm.grouped_ffn(x, sizes, wg, wu, wd, act=cfg.ffn_act, dtype=dtype,
-                                                                kernel=cfg.grouped_matmul, **kw)
+                                                                kernel=cfg.grouped_matmul, tiles=tiles, **kw)
 
 
 def dropless_local(x_BTD, r: Routing, w: Experts, cfg: ModelConfig, train: bool, dtype) -> tuple[jax.Array, dict]:
@@ -97,7 +101,7 @@ def dropless_ep(x_BTD, r: Routing, w: Experts, cfg: ModelConfig, train: bool, dt
     exchange = "dense" if target_platform() == "cpu" else "ragged"  # XLA:CPU has no ragged-all-to-all
     y_BTD, overflow = expert_parallel.dropless_moe(
         x_BTD, r.experts_TK, r.gates_TK, *w, num_experts=cfg.num_experts, buffer_factor=cfg.dropless_buffer_factor,
-        exchange=exchange, grouped_ffn=_grouped(cfg, dtype))
+        exchange=exchange, grouped_ffn=_grouped(cfg, dtype), check_vma=cfg.grouped_matmul != "megablox")
     return y_BTD, {"drop_fraction": overflow, "overflow_fraction": overflow}
 
 
