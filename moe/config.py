@@ -126,9 +126,9 @@ class ModelConfig:
         "gmm/tgmm)", resume=True, eval=True)
     megablox_tile_m: int = f(512, "megablox row tile (multiple of 128; the rows are padded to a multiple of it)",
                              ATLEAST1, resume=True, eval=True)
-    megablox_tile_k: int = f(1024, "megablox contracting-dim tile (multiple of 128; cut to the matrix if longer)",
+    megablox_tile_k: int = f(512, "megablox contracting-dim tile (multiple of 128; cut to the matrix if longer)",
                              ATLEAST1, resume=True, eval=True)
-    megablox_tile_n: int = f(1024, "megablox output-dim tile (multiple of 128; cut to the matrix if longer)",
+    megablox_tile_n: int = f(512, "megablox output-dim tile (multiple of 128; cut to the matrix if longer)",
                              ATLEAST1, resume=True, eval=True)
     capacity_factor: float = f(1.25, "training capacity factor: C = ceil(cf * K * T / E)", FPOS)
     eval_capacity_factor: float = f(2.0, "capacity factor of a capacity-dispatch forward pass with train=False "

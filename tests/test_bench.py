@@ -34,3 +34,16 @@ def test_cli_writes_json(tmp_path):
     for key in KEYS["compile"]:
         assert math.isfinite(out[key]) and out[key] > 0, (key, out[key])
     assert "machine" in out and out["command"].startswith("python -m moe.bench compile")
+
+
+def test_moe_layer_takes_dtype_and_grouped_matmul_from_set():
+    """The GPU script's settings (scripts/gpu_moe_layer.sh) reach moe_layer; other keys stay train_step's."""
+    from moe.config import ConfigError
+
+    assert bench._layer_settings([]) == {"dtype": "float32", "grouped_matmul": "auto"}
+    assert bench._layer_settings(["model.dtype=bfloat16", "model.grouped_matmul=ragged", "train.batch_size=2"]) == {
+        "dtype": "bfloat16", "grouped_matmul": "ragged"}
+    with pytest.raises(ConfigError, match="model.grouped_matmul"):
+        bench._layer_settings(["model.grouped_matmul=megablocks"])
+    out = bench.run("moe_layer", quick=True, overrides=["model.dtype=bfloat16", "model.grouped_matmul=ragged"])
+    assert out["dtype"] == "bfloat16" and out["grouped_matmul"] == "ragged" and out["dropless_ratio_e8"] > 0

@@ -272,3 +272,17 @@ def test_tpu_compile_of_megablox_grouped_matmul():
         r = aot.compile_report(cfg, "v5e:2x2")
     assert r["fits"] and r["collectives"]["ragged-all-to-all"] >= 2
     assert r["pallas_calls"] >= 9, r["pallas_calls"]
+
+
+@needs_libtpu
+def test_tpu_compile_with_megablox_tiles_too_large_reports_vmem():
+    """Tiles that do not fit a core's vector memory fail the compile as out of VMEM, naming the tile keys (not
+    as an HBM peak, which they are not)."""
+    from moe.launch import aot
+
+    cfg = load_config("configs/tiny.yaml", [*SMALL_TPU, "model.dispatch=dropless", "model.grouped_matmul=megablox",
+                                            "model.attention=xla", "model.megablox_tile_m=16384"])  # v4: 16 MiB of scoped VMEM
+    with jax.default_matmul_precision("default"):
+        r = aot.compile_report(cfg, "v4:2x2x1")
+    assert r["fits"] is False and r["oom_memory"] == "vmem", r.get("error")
+    assert "model.megablox_tile_m/k/n" in aot.format_report(r)

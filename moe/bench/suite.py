@@ -92,14 +92,14 @@ class _Train(nnx.Module):
 
 
 def bench_moe_layer(quick: bool = False, dtype: str = "float32", reps: int = 5,
-                    dropless_experts: tuple[int, ...] = (8, 16, 32, 64)) -> dict:
+                    dropless_experts: tuple[int, ...] = (8, 16, 32, 64), grouped_matmul: str = "auto") -> dict:
     """MoE FFN fwd+bwd time / dense gated FFN with hidden K*F (same active FLOPs), one routing group of T tokens,
     for the capacity path and the dropless path (grouped matmul: on CPU the bucketed kernel), timed in the same
     interleaved rounds.
 
     B=1, T=4096: one routing group of 4096 tokens. The same number of tokens as B sequences of T/B tokens
     (the model's per-sequence groups) gives the same number of slots up to rounding of C, but E*B smaller
-    matmuls.
+    matmuls. `grouped_matmul`: the dropless kernel (model.grouped_matmul; auto = the platform's).
     """
     from moe.model.layers import FFN
 
@@ -114,7 +114,8 @@ def bench_moe_layer(quick: bool = False, dtype: str = "float32", reps: int = 5,
         cfg = ModelConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, capacity_factor=1.25, dtype=dtype)
         fns[f"capacity_e{e}"] = _fwd_bwd(_Train(cfg, cdt), x)
     for e in dropless_experts:
-        cfg = ModelConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, dispatch="dropless", dtype=dtype)
+        cfg = ModelConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, dispatch="dropless", dtype=dtype,
+                          grouped_matmul=grouped_matmul)
         fns[f"dropless_e{e}"] = _fwd_bwd(_Train(cfg, cdt), x)
     ratios, dense_s = _ratios_to("dense", fns, reps)
     out: dict[str, Any] = {f"ratio_e{e}": ratios[f"capacity_e{e}"] for e in experts}
@@ -124,7 +125,8 @@ def bench_moe_layer(quick: bool = False, dtype: str = "float32", reps: int = 5,
         out[f"dropless_ratio_e{e}"] = ratios[f"dropless_e{e}"]
     if {8, 64} <= set(dropless_experts):
         out["dropless_flatness"] = out["dropless_ratio_e64"] / out["dropless_ratio_e8"]
-    out.update(tokens=t, d_model=d, d_ff=f, top_k=k, capacity_factor=1.25, dtype=dtype, rounds=reps)
+    out.update(tokens=t, d_model=d, d_ff=f, top_k=k, capacity_factor=1.25, dtype=dtype, rounds=reps,
+               grouped_matmul=grouped_matmul, platform=jax.devices()[0].platform)
     return out
 
 
@@ -340,12 +342,28 @@ BENCHES: dict[str, Callable[..., dict]] = {
 def run(name: str, quick: bool = False, overrides: list[str] = ()) -> dict:
     """Runs one benchmark (or 'all': a dict of dicts) and returns its figures.
 
-    `overrides` (config `key=value`) apply to the preset of train_step (e.g. model.dtype=bfloat16)."""
+    `overrides` (config `key=value`) apply to the preset of train_step (e.g. model.dtype=bfloat16); moe_layer
+    takes model.dtype and model.grouped_matmul from them (its shapes are fixed)."""
     if name == "all":
         return {n: run(n, quick, overrides) for n in BENCHES}
     if name == "train_step":
         return bench_train_step(quick=quick, overrides=list(overrides))
+    if name == "moe_layer":
+        return bench_moe_layer(quick=quick, **_layer_settings(overrides))
     return BENCHES[name](quick=quick)
+
+
+def _layer_settings(overrides) -> dict:
+    """moe_layer's settings from `--set` (validated as config values; fp32 unless model.dtype is set; other keys
+    belong to train_step)."""
+    from moe.config import load_config
+
+    mine = [o for o in overrides if o.split("=")[0] in LAYER_KEYS]
+    cfg = load_config("configs/tiny.yaml", ["model.dtype=float32", *mine]).model
+    return {"dtype": cfg.dtype, "grouped_matmul": cfg.grouped_matmul}
+
+
+LAYER_KEYS = ("model.dtype", "model.grouped_matmul")
 
 
 def _table(results: dict) -> str:

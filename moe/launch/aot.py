@@ -186,6 +186,7 @@ def compile_report(cfg: Config, topology: str, *, keep_hlo: bool = False, step: 
         if used is not None and "HLO temporaries" in str(e):  # temporaries alone: add the state they work on
             used += report["state_bytes_per_device"]
         report.update(compile_s=time.perf_counter() - t0, fits=False, peak_bytes=used, oom=True,
+                      oom_memory="vmem" if re.search(r"space[ =]vmem", str(e)) else "hbm",
                       error=str(e).splitlines()[0][:500])
         return report
     report["compile_s"] = time.perf_counter() - t0
@@ -217,7 +218,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"  compile: {r['compile_s']:.1f} s",
     ]
     if r["oom"]:
-        lines.append(f"  compiler: out of HBM: {r['error']}")
+        if r.get("oom_memory") == "vmem":  # a Pallas kernel's tiles do not fit the core's vector memory
+            lines.append("  compiler: out of VMEM (smaller Pallas tiles: model.megablox_tile_m/k/n, "
+                         f"model.attention_block_q/kv): {r['error']}")
+        else:
+            lines.append(f"  compiler: out of HBM: {r['error']}")
     else:
         lines += [
             f"  memory per device: arguments {g(r['argument_bytes'])}, temporaries {g(r['temp_bytes'])}, "

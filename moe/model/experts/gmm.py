@@ -52,7 +52,7 @@ def bucket_caps(share: float, top: int) -> tuple[int, ...]:
 
 def grouped_ffn(x_RD: jax.Array, sizes_G: jax.Array, w_gate_GDF, w_up_GDF, w_down_GFD, *, act: str, dtype,
                 share: float | None = None, max_group: int | None = None, kernel: str = "auto",
-                tiles: tuple[int, int, int] = (512, 1024, 1024), interpret: bool = False) -> jax.Array:
+                tiles: tuple[int, int, int] = (512, 512, 512), interpret: bool = False) -> jax.Array:
     """y[r] = FFN_g(x[r]) for the group g that row r falls in (rows sorted by group, `sizes_G` rows each).
 
     `kernel`: auto (by platform, module docstring) | ragged | buckets | megablox (`tiles`: its (m, k, n)
