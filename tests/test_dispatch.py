@@ -1,6 +1,6 @@
 """The four dispatch paths of moe/model/experts/paths.py, one signature each, against the per-token loop
 reference (tests/reference.py): forward and gradients w.r.t. x, the router and every expert weight, fp32, 1e-5.
-The expert-parallel paths run under meshes of the 8 fake CPU devices. Also: the grouped matmul's two kernels
+The expert-parallel paths run under meshes of the 8 fake CPU devices. Also: the grouped matmul's three kernels
 against a per-row loop, the bucket ladder, and a worked overflow example of the expert-parallel dropless path.
 """
 

@@ -1,6 +1,6 @@
 """Grouped matmul: every expert's gated FFN on its own contiguous run of rows (the dropless paths' kernel).
 
-Owns: `grouped_ffn` and the two kernels behind it, chosen by the platform the code is traced for
+Owns: `grouped_ffn` and the three kernels behind it, chosen by the platform the code is traced for
 (`target_platform()`, so an AOT compile for a TPU topology gets the TPU kernel):
 
     tpu, gpu   `jax.lax.ragged_dot` (XLA's grouped matmul), with the mixed-precision backward of `mm`
