@@ -50,6 +50,21 @@ def test_small_moe_fits_v5e_with_all_to_all(small_report):
 
 
 @needs_libtpu
+def test_scanned_weights_are_cast_per_layer_not_hoisted():
+    """The bf16 copy of the scanned weight stacks must not be made before the layer loop (moe.model.layers.
+    cast_here): with `astype`, XLA:TPU converts each whole [L, ...] stack once and keeps it through the
+    forward and backward loops (3 GiB per chip at GLaM 64B/64E)."""
+    cfg = load_config("configs/tiny.yaml", [*SMALL, "model.num_layers=8", "model.remat=full"])
+    with jax.default_matmul_precision("default"):
+        r = aot.compile_report(cfg, "v5e:2x2", keep_hlo=True)
+    blocks, e_local, d, f = 4, 2, 64, 128  # 8 layers = 4 scanned (dense, MoE) blocks; 4 experts over expert=2
+    stacked = {f"bf16[{blocks},{e_local},{d},{f}]", f"bf16[{blocks},{e_local},{f},{d}]",  # expert weights
+               f"bf16[{blocks},{d},{f}]", f"bf16[{blocks},{f},{d}]"}  # the dense layers' FFN
+    assert f"f32[{blocks},{e_local},{d},{f}]" in r["hlo"]  # the fp32 stacks are there ...
+    assert not [s for s in stacked if s in r["hlo"]]  # ... their bf16 copies are not
+
+
+@needs_libtpu
 def test_bad_topology_is_a_clear_error(capsys, tmp_path):
     cfg = load_config("configs/tiny.yaml", SMALL)
     with pytest.raises(aot.TopologyError, match="not a TPU topology.*v5e:8x8"):

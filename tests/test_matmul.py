@@ -79,3 +79,26 @@ def test_bf16_matmul_backward_is_bf16_dots_with_fp32_accumulation(spec, xs, ws):
     for got, ref in ((dx, dx_ref), (dw, dw_ref)):
         np.testing.assert_allclose(got, r(ref), rtol=2**-8, atol=1e-6)
         np.testing.assert_array_less(np.abs(got - ref), np.abs(ref) * 2**-8 + 1e-6)
+
+
+def test_f32_to_bf16_is_astype_bit_for_bit_and_its_gradient_the_cast_back():
+    """On TPU `cast_here` (moe/model/layers.py) writes fp32 -> bf16 as bit operations (`f32_to_bf16`) so XLA
+    cannot hoist it out of the layer loop; they must round exactly as `astype` does, for every fp32 bit pattern
+    class. (Run here on CPU: the integer operations are the same on every backend.)"""
+    from moe.model.layers import cast_here, f32_to_bf16
+
+    rng = np.random.default_rng(0)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 1.1754942e-38, 3.4028235e38, -3.4028235e38,
+                        1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, 65504.0, 3.3961776e38], np.float32)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)  # denormals too
+    x = np.concatenate([special, bits, rng.standard_normal(10_000).astype(np.float32)])
+    ours = np.asarray(jax.jit(f32_to_bf16)(x))
+    ref = np.asarray(jax.jit(lambda v: v.astype(jnp.bfloat16))(x))
+    nan = np.isnan(x)
+    assert ours.dtype == ref.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(ours.view(np.uint16)[~nan], ref.view(np.uint16)[~nan])
+    assert nan.sum() > 0 and np.all(np.isnan(ours[nan].astype(np.float32)))  # NaN stays NaN (payloads may differ)
+    g = jax.grad(lambda v: jnp.sum(f32_to_bf16(v).astype(jnp.float32) * jnp.arange(4.0)))(jnp.ones(4))
+    assert g.dtype == jnp.float32 and np.array_equal(np.asarray(g), np.arange(4.0))
+    w16 = jnp.ones(3, jnp.bfloat16)
+    assert cast_here(w16, jnp.bfloat16) is w16 and cast_here(w16, jnp.float32).dtype == jnp.float32

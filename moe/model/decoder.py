@@ -148,8 +148,8 @@ def output_logits(x_BTD: jax.Array, w: jax.Array, transposed: bool, dtype) -> ja
     chunked loss the gradient accumulated across chunks is the fp32, still-split parameter's.
     """
     if transposed:
-        return mm("BTD,VD->BTV", x_BTD, gathered(w, ("vocab", "embed"), dtype), dtype)
-    return mm("BTD,DV->BTV", x_BTD, gathered(w, ("embed", "vocab"), dtype), dtype)
+        return mm("BTD,VD->BTV", x_BTD, gathered(w, ("vocab", "embed"), dtype, in_loop=False), dtype)
+    return mm("BTD,DV->BTV", x_BTD, gathered(w, ("embed", "vocab"), dtype, in_loop=False), dtype)
 
 
 # Above this many logits per sequence (T * V) the loss is computed in sequence chunks of at most this many

@@ -14,7 +14,7 @@ from flax import nnx
 
 from moe.model.attention import Kernel, causal_attention
 from moe.model.matmul import mm
-from moe.runtime.sharding import constrain
+from moe.runtime.sharding import constrain, target_platform
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None = None,
@@ -32,14 +32,48 @@ def ones_param(shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
     return nnx.Param(jnp.ones(shape, jnp.float32), out_sharding=axes, eager_sharding=False)
 
 
-def gathered(w: jax.Array, names: tuple[str | None, ...], dtype) -> jax.Array:
+def gathered(w: jax.Array, names: tuple[str | None, ...], dtype, *, in_loop: bool = True) -> jax.Array:
     """The weight in the compute dtype, all-gathered over its FSDP-split ('embed') dims, cast *first*.
 
     Left to itself the partitioner gathers the fp32 shards and converts afterwards: in bf16 that moves and
     holds twice the bytes (at GLaM 64B a layer's gathered dense weights are 5.4 GB fp32). The constraint
     places the gather after the cast; other dims ('heads', 'mlp', 'vocab' over 'tensor') stay split.
+    `in_loop`: a scanned layer's weight, cast per layer (`cast_here`); False for a weight that every
+    iteration of a loop uses whole (the chunked loss's output table), which XLA may convert and gather once.
     """
-    return constrain(w.astype(dtype), tuple(None if n == "embed" else n for n in names))
+    cast = cast_here(w, dtype) if in_loop else w.astype(dtype)
+    return constrain(cast, tuple(None if n == "embed" else n for n in names))
+
+
+def cast_here(w: jax.Array, dtype) -> jax.Array:
+    """`w.astype(dtype)`, converted where it is used: inside the scanned layer body, one layer at a time.
+
+    Left to itself XLA:TPU moves a narrowing `convert` above the loop's dynamic-slice of a scanned weight
+    stack (its ConvertMover pass) and then out of the loop, so the whole bf16 copy of every layer's weights
+    lives through the forward and backward loops (GLaM 64B/64E: 3 GiB per chip for the expert weights
+    alone). On TPU fp32 -> bf16 is therefore written as its bit operations (round to nearest even, what
+    `astype` does), which no pass moves; the gradient is the cast back, as for `astype`. Elsewhere `astype`:
+    XLA:CPU/GPU may drop an f32 -> bf16 -> f32 round trip (excess precision), which the bit operations would
+    forbid, changing CPU runs' numbers (the README's `make train` loss) for no memory gain measured there.
+    """
+    if w.dtype == dtype:
+        return w
+    if w.dtype == jnp.float32 and dtype == jnp.bfloat16 and target_platform() == "tpu":
+        return f32_to_bf16(w)
+    return w.astype(dtype)
+
+
+@jax.custom_vjp
+def f32_to_bf16(w: jax.Array) -> jax.Array:
+    """`w.astype(bfloat16)` for fp32 `w`, bit for bit (NaN stays NaN), as integer operations."""
+    u = jax.lax.bitcast_convert_type(w, jnp.uint32)
+    rounded = (u + (((u >> 16) & 1) + 0x7FFF)) >> 16  # round half to even on the 16 dropped bits
+    nan = jnp.isnan(w)  # keep NaNs NaN (rounding could carry a payload-only NaN into the infinity pattern)
+    bits = jnp.where(nan, (u >> 16) | 0x40, rounded).astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+
+f32_to_bf16.defvjp(lambda w: (f32_to_bf16(w), None), lambda _, g: (g.astype(jnp.float32),))
 
 
 class RMSNorm(nnx.Module):
@@ -169,8 +203,8 @@ class Embed(nnx.Module):
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         # Gather the table's fsdp-split D first (as FSDP does for every weight): a lookup into a D-split
         # table would otherwise leave the activations D-split and force a full re-layout of the batch.
-        table_VD = gathered(self.table_VD[...], ("vocab", "embed"), self.dtype)
+        table_VD = gathered(self.table_VD[...], ("vocab", "embed"), self.dtype, in_loop=False)
         return constrain(jnp.take(table_VD, tokens_BT, axis=0), ("act_batch", "act_len", "act_embed"))
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
-        return mm("BTD,VD->BTV", x_BTD, gathered(self.table_VD[...], ("vocab", "embed"), self.dtype), self.dtype)
+        return mm("BTD,VD->BTV", x_BTD, gathered(self.table_VD[...], ("vocab", "embed"), self.dtype, in_loop=False), self.dtype)

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moe.model.layers import cast_here
 from moe.model.experts import dispatch
 from moe.runtime.sharding import logical_to_spec
 
@@ -83,7 +84,7 @@ def capacity_moe(x_BTD, slot_BTK, gates_BTK, kept_BTK, w_gate_EDF, w_up_EDF, w_d
 def _local_weights(dtype, gather_in: tuple[str, ...], wg, wu, wd):
     """This device's experts, cast to the compute dtype (the tokens' dtype: the residual stream is carried in
     it) *before* the FSDP gather of their D dim, so a bf16 model gathers and holds half the bytes."""
-    wg, wu, wd = (w.astype(dtype) for w in (wg, wu, wd))
+    wg, wu, wd = (cast_here(w, dtype) for w in (wg, wu, wd))
     if gather_in:
         wg = jax.lax.all_gather(wg, gather_in, axis=1, tiled=True)
         wu = jax.lax.all_gather(wu, gather_in, axis=1, tiled=True)
