@@ -7,6 +7,8 @@ plus:
     point.json        {"status": running|done|failed|interrupted, "returncode", "host", "started", "ended",
                        "error": the last lines of the log when not done}; written by process 0 only
     logs/process-<rank>.log  train.py's output on each host (written locally, uploaded at the attempt's end)
+    eval_full.json    with the sweep's `eval_full: true`: eval.py's LM metrics on the full validation split,
+                      run once after training, with the eval's wall and CPU seconds (`eval_wall_s`, `eval_cpu_s`)
 
 State, in this order: `done` (summary.json says done -- the skip rule), `failed` / `interrupted` (the last
 attempt's point.json), `running` (an attempt started and has not recorded an end: a live run, or one whose
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -69,6 +72,33 @@ def log_name(rank: int) -> str:
     return f"logs/process-{rank}.log"
 
 
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+EVAL_FILE = "eval_full.json"
+
+
+def evaluate_point(run_dir: str, *, env: dict | None = None, python: str = sys.executable) -> tuple[int, str]:
+    """eval.py on the run's newest checkpoint, the full validation split -> run_dir/eval_full.json (once)."""
+    out = storage.join(run_dir, EVAL_FILE)
+    if storage.isfile(out):
+        return 0, ""
+    with tempfile.TemporaryDirectory(prefix="moe-eval-") as tmp:
+        local = os.path.join(tmp, "eval.json")  # local: eval.py writes it, then it is uploaded with the timings
+        t0, c0 = time.time(), _children_cpu_s()
+        p = subprocess.run([python, str(REPO / "eval.py"), "--workdir", run_dir, "--out", local], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if p.returncode != 0:
+            return p.returncode, _tail(p.stdout.decode("utf-8", "replace"))
+        with open(local) as f:  # local
+            res = json.load(f)
+    res.update(eval_wall_s=round(time.time() - t0, 1), eval_cpu_s=round(_children_cpu_s() - c0, 1))
+    storage.write_text(out, json.dumps(res, indent=1))
+    return 0, ""
+
+
 def _tail(text: str, lines: int = 3) -> str:
     return " | ".join([x for x in text.splitlines() if x.strip()][-lines:])
 
@@ -79,7 +109,8 @@ def run_point(sweep: Sweep, point: Point, workdir: str, *, env: dict | None = No
     Re-running resumes (train.py resumes from the point's checkpoints)."""
     run_dir = storage.join(workdir, point.name)
     if is_done(run_dir):
-        return "done already", 0, ""
+        rc, error = evaluate_point(run_dir, env=env, python=python) if sweep.eval_full else (0, "")
+        return ("done already", 0, "") if rc == 0 else ("failed", rc, f"eval.py: {error}")
     rank = process_index()
     main = rank == 0
     host = socket.gethostname()
@@ -91,7 +122,7 @@ def run_point(sweep: Sweep, point: Point, workdir: str, *, env: dict | None = No
     cmd = [python, str(REPO / "train.py"), "--config", str(sweep.base), "--workdir", run_dir, *point.overrides,
            "train.progress=false"]  # a progress bar in a log file is noise
     prev = storage.join(run_dir, log_name(rank))
-    t0 = time.time()
+    t0, c0 = time.time(), _children_cpu_s()
     with tempfile.TemporaryDirectory(prefix="moe-point-") as tmp:
         local_log = os.path.join(tmp, "train.log")  # staged here; uploaded whole (a bucket cannot append)
         with open(local_log, "wb") as log:  # local: a temporary file, not a workdir path
@@ -103,11 +134,15 @@ def run_point(sweep: Sweep, point: Point, workdir: str, *, env: dict | None = No
         with open(local_log, "rb") as log:  # local
             text = log.read()
     storage.write_bytes(prev, text)
+    cpu_s = round(_children_cpu_s() - c0, 1)
     ok = rc == 0 and is_done(run_dir)
     status = "done" if ok else ("interrupted" if rc == EXIT_PREEMPTED else "failed")
     error = "" if ok else _tail(text.decode("utf-8", "replace"))
+    if ok and sweep.eval_full:
+        rc, eval_error = evaluate_point(run_dir, env=env, python=python)
+        status, error = ("done", "") if rc == 0 else ("failed", f"eval.py: {eval_error}")
     record.update(status=status, returncode=rc, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  attempt_wall_s=round(time.time() - t0, 1), error=error)
+                  attempt_wall_s=round(time.time() - t0, 1), attempt_cpu_s=cpu_s, error=error)
     if main:
         storage.write_text(storage.join(run_dir, "point.json"), json.dumps(record, indent=1))
     return status, rc, error
@@ -165,7 +200,8 @@ def run_sweep(sweep: Sweep, workdir: str | os.PathLike, *, env: dict | None = No
         resumed = storage.isdir(storage.join(workdir, p.name, "checkpoints"))
         status, rc, error = run_point(sweep, p, workdir, env=env)
         summary = read_summary(storage.join(workdir, p.name)) or {}
-        loss = _cell(summary.get("eval_loss"))
+        full = read_json(storage.join(workdir, p.name, EVAL_FILE)) if sweep.eval_full else None
+        loss = f"{full['loss']:.4f} full split" if full else _cell(summary.get("eval_loss"))
         how = "resumed, " if resumed else ""
         if status == "done already":
             echo(f"[{i}/{n}] {p.name}: done already (eval_loss {loss})")

@@ -17,6 +17,8 @@ Sweep file (every key but `base` optional; points = sizes x budgets x lrs x seed
     warmup_fraction: 0.1                # optim.warmup_steps = round(fraction * steps), per point
     grid: {model.top_k: [1, 2]}         # cartesian product, or
     points: [{model.top_k: 1}, ...]     # an explicit list of override sets
+    eval_full: true                     # after training, eval.py on the full validation split -> eval_full.json;
+                                        # its loss is the point's eval_loss (docs/results.md uses no other)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import yaml
 from moe.config import Config, ConfigError, all_keys, apply_overrides, from_dict, read_preset
 
 SWEEP_KEYS = ("base", "description", "fixed", "sizes", "budgets", "compute_budgets", "lrs", "seeds",
-              "warmup_fraction", "grid", "points")
+              "warmup_fraction", "grid", "points", "eval_full")
 NAMED_KEYS = {"model.d_model", "model.num_layers", "model.num_experts", "optim.lr", "train.seed", "train.steps",
               "optim.warmup_steps"}  # already spelled out in every run name
 
@@ -61,6 +63,7 @@ class Sweep:
     name: str
     base: Path
     points: tuple[Point, ...]
+    eval_full: bool = False  # each point's eval_loss is eval.py's on the full validation split
 
 
 # --- parsing ---------------------------------------------------------------------------------------
@@ -184,6 +187,8 @@ def load_sweep(path: str | Path) -> Sweep:
     warmup = raw.get("warmup_fraction")
     if warmup is not None and not (isinstance(warmup, (int, float)) and 0 <= warmup < 1):
         raise SweepError(f"{path}: warmup_fraction must be a number in [0, 1), got {warmup!r}")
+    if not isinstance(raw.get("eval_full", False), bool):
+        raise SweepError(f"{path}: eval_full must be true or false, got {raw['eval_full']!r}")
     if "grid" in raw and "points" in raw:
         raise SweepError(f"{path}: give either 'grid:' or 'points:', not both")
     variants = [{}]
@@ -222,4 +227,4 @@ def load_sweep(path: str | Path) -> Sweep:
                              "make them differ in a named setting")
         seen[name] = ov
         points.append(Point(name, tuple(f"{k}={_fmt(v)}" for k, v in ov.items()), size or "", tokens, flops))
-    return Sweep(path, path.stem, base, tuple(points))
+    return Sweep(path, path.stem, base, tuple(points), raw.get("eval_full", False))
