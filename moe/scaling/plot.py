@@ -107,3 +107,88 @@ def plot_all(rows: list[dict], fits: dict[str, dict], outdir: str) -> list[str]:
         if form in fits:
             out.append(plot_residuals(fits[form], rows, storage.join(outdir, f"residuals_{form}.png")))
     return out
+
+
+# --- the evidence report (moe/scaling/report.py) --------------------------------------------------
+
+
+def _plot_moe_vs_dense(c: dict, path: str) -> str:
+    """Loss vs training FLOPs, one line per variant (mean of seeds, error bars = half the range)."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    variants = ["dense", *c["moe_minus_dense"]]
+    for v, col in zip(variants, plt.cm.tab10(np.arange(len(variants)))):
+        b = [e for e in c["budgets"] if v in e]
+        ax.errorbar([e["flops"] for e in b], [e[v]["mean"] for e in b], yerr=[e[v]["spread"] for e in b], fmt="o-",
+                    color=col, capsize=3, label=v)
+    ax.set(xscale="log", xlabel="training FLOPs", ylabel="eval loss, full validation split",
+           title="MoE vs dense at equal active FLOPs per token")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def _plot_lion_vs_adamw(c: dict, path: str) -> str:
+    """Eval loss against the learning rate, per model and optimizer."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for model, per in c["models"].items():
+        for opt, p in per.items():
+            ax.plot([g["lr"] for g in p["grid"]], [g["eval_loss"] for g in p["grid"]], "o-" if opt == "adamw" else "s--",
+                    label=f"{model} {opt}")
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="eval loss, full validation split",
+           title="Lion vs AdamW: learning-rate grids")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def _plot_scaling(c: dict, title: str, path: str) -> str:
+    """The fitted runs and the law at each token budget, and the held-out runs: measured vs predicted."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    runs = c["runs"]
+    budgets = sorted({r["tokens"] for r in runs})
+    for d, col in zip(budgets, plt.cm.viridis(np.linspace(0, 0.8, len(budgets)))):
+        pts = sorted((r for r in runs if r["tokens"] == d), key=lambda r: r["N_active"])
+        n = np.array([r["N_active"] for r in pts], float)
+        ax.plot(n, [r["eval_loss"] for r in pts], "o", color=col, label=f"fit, D={d:.3g}")
+        grid = np.geomspace(n.min() / 1.5, n.max() * 2.5, 100)
+        ax.plot(grid, chinchilla_loss(c["fit"]["params"], grid, d), "-", color=col, lw=1)
+    for h in c["heldout"]:
+        ax.plot([h["N_active"]], [h["measured"]], "r*", ms=12)
+        ax.plot([h["N_active"]], [h["predicted"]], "kx", ms=9)
+        ax.annotate(f"D={h['tokens']:.3g}: {h['prediction_error']:+.1%}", (h["N_active"], h["measured"]),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.plot([], [], "r*", label="held out, measured")
+    ax.plot([], [], "kx", label="held out, predicted")
+    ax.set(xscale="log", xlabel="active parameters N", ylabel="eval loss, full validation split", title=title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def _plot_moe_law(c: dict, path: str) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    sizes = sorted({p["size"] for p in c["points"]}, key=lambda s: min(p["N_active"] for p in c["points"] if p["size"] == s))
+    for size, col in zip(sizes, plt.cm.tab10(np.arange(len(sizes)))):
+        pts = sorted((p for p in c["points"] if p["size"] == size), key=lambda p: p["E"])
+        ax.plot([p["E"] for p in pts], [p["measured"] for p in pts], "o", color=col, label=f"size {size}, measured")
+        ax.plot([p["E"] for p in pts], [p["fitted"] for p in pts], "-", color=col, lw=1, label=f"size {size}, law")
+    ax.set(xscale="log", xlabel="experts E (1 = dense)", ylabel="eval loss, full validation split",
+           title="Clark et al. law over the number of experts")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def plot_report(report: dict, outdir: str) -> list[str]:
+    """One figure per claim present in the report; returns the PNG paths written."""
+    c, out = report["claims"], []
+    if "moe_vs_dense" in c:
+        out.append(_plot_moe_vs_dense(c["moe_vs_dense"], storage.join(outdir, "moe_vs_dense.png")))
+    if "lion_vs_adamw" in c:
+        out.append(_plot_lion_vs_adamw(c["lion_vs_adamw"], storage.join(outdir, "lion_vs_adamw.png")))
+    for f in ("scaling_dense", "scaling_moe"):
+        if f in c:
+            out.append(_plot_scaling(c[f], f"Chinchilla approach 3, {f.split('_')[1]} family", storage.join(outdir, f"{f}.png")))
+    if "moe_law" in c:
+        out.append(_plot_moe_law(c["moe_law"], storage.join(outdir, "moe_law.png")))
+    return out

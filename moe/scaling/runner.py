@@ -17,6 +17,7 @@ moe/runtime/storage.py, so it may be a bucket (gs://...) as well as a folder.
     python -m moe.scaling fit configs/sweeps/tiny_sizes.yaml --form chinchilla --target-flops 1e21
     python -m moe.scaling plot configs/sweeps/tiny_sizes.yaml           # plots/*.png
     python -m moe.scaling compare configs/sweeps/routing_tiny.yaml      # variants over seeds (moe.scaling.compare)
+    python -m moe.scaling report --claim moe_vs_dense --run             # the evidence study (moe.scaling.report)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 import moe.scaling.sweep
 from moe.config import ConfigError, apply_overrides, from_dict, is_moe, read_preset
 from moe.runtime import storage
-from moe.scaling.points import _cell, read_json, read_summary, run_sweep  # noqa: F401 (run_sweep: the API)
+from moe.scaling.points import EVAL_FILE, _cell, read_json, read_summary, run_sweep  # noqa: F401 (run_sweep: the API)
 from moe.scaling.sweep import Sweep, SweepError, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,11 +59,15 @@ def _rel(path: Path) -> str:
 # --- results table ---------------------------------------------------------------------------------
 
 COLUMNS = ("name", "status", "size", "N_total", "N_active", "E", "tokens", "flops", "eval_loss", "bits_per_byte",
-           "wall_time_s", "budget_tokens", "budget_flops")
+           "wall_time_s", "cpu_s", "eval_split", "budget_tokens", "budget_flops")
 
 
 def collect(sweep: Sweep, workdir: str | os.PathLike) -> list[dict]:
-    """One row per point; N, E, tokens and FLOPs come from summary.json, the planned config otherwise."""
+    """One row per point; N, E, tokens and FLOPs come from summary.json, the planned config otherwise.
+
+    eval_loss: with the sweep's `eval_full: true`, eval.py's on the full validation split (eval_full.json; a
+    finished point without one is `status: not evaluated` until `run` evaluates it); otherwise the
+    run's own final eval (train.eval_batches batches). cpu_s: the last training attempt's plus the eval's."""
     base_tree = read_preset(sweep.base)
     rows = []
     for p in sweep.points:
@@ -74,12 +79,20 @@ def collect(sweep: Sweep, workdir: str | os.PathLike) -> list[dict]:
             row["E"] = cfg.model.num_experts if is_moe(cfg.model) else 1
         except ConfigError:
             cfg = None
-        s = read_summary(storage.join(workdir, p.name))
+        run_dir = storage.join(workdir, p.name)
+        s = read_summary(run_dir)
         if s and s.get("done"):
             loss = s.get("eval_loss") if s.get("eval_loss") is not None else s.get("loss")
-            row.update(status="done", N_total=s["params_total"], N_active=s["params_active"], tokens=s["tokens"],
-                       flops=s["flops"], eval_loss=loss, bits_per_byte=s.get("bits_per_byte"),
-                       wall_time_s=s.get("wall_time_s"))
+            bpb, split, status = s.get("bits_per_byte"), "train.eval_batches", "done"
+            cpu = (read_json(storage.join(run_dir, "point.json")) or {}).get("attempt_cpu_s")
+            if sweep.eval_full:
+                ev = read_json(storage.join(run_dir, EVAL_FILE))
+                loss, bpb, split = (ev["loss"], ev.get("bits_per_byte"), "full") if ev else (None, None, None)
+                status = "done" if ev else "not evaluated"
+                cpu = cpu + ev.get("eval_cpu_s", 0.0) if ev and cpu is not None else cpu
+            row.update(status=status, N_total=s["params_total"], N_active=s["params_active"], tokens=s["tokens"],
+                       flops=s["flops"], eval_loss=loss, bits_per_byte=bpb, wall_time_s=s.get("wall_time_s"),
+                       cpu_s=cpu, eval_split=split)
         else:
             row["status"] = (read_json(storage.join(workdir, p.name, "point.json")) or {}).get("status", "pending")
             if cfg is not None:
@@ -181,7 +194,18 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--target-flops", type=float, default=None, help="predict N*, D*, loss at this budget")
             s.add_argument("--params", default="active", choices=("active", "total"), help="N in the law")
             s.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals")
+    from moe.scaling import report as rp
+
+    r = sub.add_parser("report", help="the evidence study's claims -> docs/results.json (moe/scaling/report.py)")
+    r.add_argument("--claim", action="append", choices=list(rp.CLAIMS), help="only this claim (repeatable; default all)")
+    r.add_argument("--run", action="store_true", help="first run (or resume) the claims' sweeps on this machine")
+    r.add_argument("--workdir", default="runs/sweeps", help="folder or bucket holding one folder per sweep")
+    r.add_argument("--out", default="docs/results.json", help="results.json to write (other claims in it are kept)")
+    r.add_argument("--plots", default="docs/results", help="folder for the figures ('' for none)")
+    r.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the fits' intervals")
     a = ap.parse_args(argv)
+    if a.cmd == "report":
+        return _report(a)
     from moe.launch.jobs import LaunchError
     from moe.scaling import cluster, points
     from moe.scaling.fit import FitError
@@ -245,5 +269,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {p}")
         return 0
     except (SweepError, FitError, ConfigError, LaunchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _report(a) -> int:
+    from moe.scaling import report as rp
+    from moe.scaling.fit import FitError
+
+    try:
+        claims = a.claim or list(rp.CLAIMS)
+        if a.run:
+            for c in claims:
+                for f in rp.run_claim(c, a.workdir):
+                    raise rp.ReportError(f"claim {c}: points of configs/sweeps/{f} failed; "
+                                         f"`python -m moe.scaling status configs/sweeps/{f}` shows which and why")
+        previous = read_json(a.out) if storage.exists(a.out) else None
+        report = rp.build(a.workdir, claims, bootstrap=a.bootstrap, previous=previous)
+        print(rp.summary(report) + f"\nwrote {rp.write(report, a.out)}")
+        if a.plots:
+            from moe.scaling.plot import plot_report
+
+            for p in plot_report(report, a.plots):
+                print(f"wrote {p}")
+        return 0
+    except (rp.ReportError, SweepError, FitError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
