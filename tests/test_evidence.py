@@ -1,0 +1,236 @@
+"""The evidence study (docs/results.md): its sweep files expand to the runs the docs describe, and
+`python -m moe.scaling report` builds results.json from finished runs (a synthetic fixture: no training here)."""
+
+import json
+import math
+
+import pytest
+
+from moe.config import apply_overrides, from_dict, read_preset
+from moe.model.decoder import flops_per_token, param_counts
+from moe.scaling import fit as sf
+from moe.scaling import report as rp
+from moe.scaling.runner import main
+from moe.scaling.sweep import load_sweep
+
+TOL = 1e-5
+
+
+def _sweep(claim: str, role: str = "runs"):
+    return load_sweep(rp.SWEEPS / rp.CLAIMS[claim][role])
+
+
+def _cfg(sweep, point):
+    return from_dict(apply_overrides(read_preset(sweep.base), list(point.overrides)))
+
+
+def _flops(sweep, point) -> float:
+    c = _cfg(sweep, point)
+    return flops_per_token(c.model, c.train.seq_len) * c.train.steps * c.train.batch_size * c.train.seq_len
+
+
+# --- the sweep files -----------------------------------------------------------------------------
+
+
+def test_every_evidence_sweep_evaluates_on_the_full_validation_split():
+    for files in rp.CLAIMS.values():
+        for f in files.values():
+            assert load_sweep(rp.SWEEPS / f).eval_full, f
+
+
+def test_moe_vs_dense_ladder():
+    s = _sweep("moe_vs_dense")
+    assert len(s.points) == 18
+    cfgs = [_cfg(s, p) for p in s.points]
+    budgets = sorted({c.train.steps for c in cfgs})
+    assert len(budgets) == 3 and budgets[-1] / budgets[0] >= 8
+    for steps in budgets:
+        at = [c for c in cfgs if c.train.steps == steps]
+        assert sorted(c.model.num_experts for c in at) == [0, 0, 8, 8, 32, 32]
+        assert sorted(c.train.seed for c in at) == [0, 0, 0, 1, 1, 1]
+        assert all(c.model.top_k == 2 for c in at if c.model.num_experts)
+        fpt = [flops_per_token(c.model, c.train.seq_len) for c in at]
+        assert max(fpt) / min(fpt) - 1 < 0.01  # equal active FLOPs per token (the router's are the difference)
+
+
+def test_optimizer_grids_follow_chen_et_al():
+    s = _sweep("lion_vs_adamw")
+    cfgs = [_cfg(s, p) for p in s.points]
+    assert len({c.train.steps for c in cfgs}) == 1
+    for e in (0, 8):
+        grid = {o: sorted((c.optim.lr, c.optim.weight_decay) for c in cfgs if c.model.num_experts == e and c.optim.name == o)
+                for o in ("adamw", "lion")}
+        assert len(grid["adamw"]) >= 4 and len(grid["lion"]) >= 4
+        for (lr_a, wd_a), (lr_l, wd_l) in zip(grid["adamw"], grid["lion"]):
+            assert 3 <= lr_a / lr_l <= 10 and 3 <= wd_l / wd_a <= 10
+
+
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_scaling_sweeps_and_held_out_runs(family):
+    fit, held = _sweep(f"scaling_{family}", "fit"), _sweep(f"scaling_{family}", "heldout")
+    cfgs = [_cfg(fit, p) for p in fit.points]
+    assert len(fit.points) >= 12 and len({c.model.d_model for c in cfgs}) >= 4 and len({c.train.steps for c in cfgs}) >= 3
+    assert all((c.model.num_experts > 0) == (family == "moe") for c in cfgs)
+    largest = max(_flops(fit, p) for p in fit.points)
+    assert len(held.points) >= 2
+    assert all(_flops(held, p) >= 4 * largest for p in held.points)
+
+
+def test_expert_count_sweep():
+    s = _sweep("moe_law")
+    cfgs = [_cfg(s, p) for p in s.points]
+    assert sorted({c.model.num_experts for c in cfgs}) == [0, 4, 8, 16, 32]
+    assert len({c.model.d_model for c in cfgs}) >= 2 and len(cfgs) == 10
+
+
+# --- the report from a fixture of finished runs ----------------------------------------------------
+
+LAW = {"E": 2.0, "A": 40.0, "B": 300.0, "alpha": 0.3, "beta": 0.35}
+MOE_OFFSET = {0: 0.0, 8: -0.05, 32: -0.08}  # fixture: MoE variants this much below dense at every budget
+LION_OFFSET = 0.02  # fixture: the best Lion run this much above the best AdamW run
+
+
+def _fixture_loss(cfg, n_active, tokens) -> float:
+    """LAW + the variant's offset + a bowl in log lr: AdamW's minimum at 3e-3 (every sweep's lr but the
+    optimizer grid's), Lion's at 3e-4 and LION_OFFSET higher, with 4e-3 / 4e-4 the grids' nearest points."""
+    base = float(sf.chinchilla_loss(LAW, n_active, tokens)) + MOE_OFFSET.get(cfg.model.num_experts, 0.0)
+    if cfg.optim.name == "lion":
+        return base + LION_OFFSET + 0.1 * math.log(cfg.optim.lr / 3e-4) ** 2
+    return base + 0.1 * math.log(cfg.optim.lr / 3e-3) ** 2
+
+
+def _write_fixture(root, *, skip: str = ""):
+    """summary.json / point.json / eval_full.json for every point of every claim, losses from LAW."""
+    for files in rp.CLAIMS.values():
+        for f in files.values():
+            s = load_sweep(rp.SWEEPS / f)
+            for p in s.points:
+                if p.name == skip:
+                    continue
+                c = _cfg(s, p)
+                total, active = param_counts(c.model)
+                tokens = c.train.steps * c.train.batch_size * c.train.seq_len
+                d = root / s.name / p.name
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "summary.json").write_text(json.dumps({
+                    "done": True, "step": c.train.steps, "params_total": total, "params_active": active, "tokens": tokens,
+                    "flops": flops_per_token(c.model, c.train.seq_len) * tokens, "eval_loss": 9.0, "wall_time_s": 1.0}))
+                (d / "point.json").write_text(json.dumps({"status": "done", "attempt_cpu_s": 2.0}))
+                (d / "eval_full.json").write_text(json.dumps({"loss": _fixture_loss(c, active, tokens), "eval_cpu_s": 1.0}))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweeps")
+    _write_fixture(root)
+    out = root / "results.json"
+    assert main(["report", "--workdir", str(root), "--out", str(out), "--plots", str(root / "plots"), "--bootstrap", "0"]) == 0
+    return json.loads(out.read_text()), root
+
+
+def test_report_headline_numbers(report):
+    res, root = report
+    h = res["headline"]
+    for v, off in (("e8", MOE_OFFSET[8]), ("e32", MOE_OFFSET[32])):
+        assert len(h["moe_minus_dense"][v]) == 3
+        for got in h["moe_minus_dense"][v]:  # the fixture's law differs between variants only through N_active
+            assert abs(got - off) < 0.01
+    assert res["claims"]["moe_vs_dense"]["met_at_two_largest_budgets"] == {"e8": True, "e32": True}
+    opt = res["claims"]["lion_vs_adamw"]
+    for model in ("dense", "e8"):
+        assert opt["models"][model]["lion"]["best"]["lr"] == pytest.approx(4e-4)
+        assert opt["models"][model]["adamw"]["best"]["lr"] == pytest.approx(4e-3)
+        assert not opt["models"][model]["lion"]["best_at_grid_edge"]
+    assert h["lion_minus_adamw"] == pytest.approx({"dense": LION_OFFSET, "e8": LION_OFFSET}, abs=TOL)
+    for fam in ("scaling_dense", "scaling_moe"):  # runs on the exact law: the fit predicts the held-out runs
+        c = res["claims"][fam]
+        assert len(c["heldout"]) == 2 and all(x["compute_vs_largest_fitted"] >= 4 for x in c["heldout"])
+        assert all(abs(e) < 1e-3 for e in h["prediction_error"][fam].values())
+        assert c["fit"]["params"]["alpha"] == pytest.approx(LAW["alpha"], abs=0.01)
+    assert res["claims"]["moe_law"]["fit"]["n_points"] == 10
+    n_runs = sum(len(c["runs"]) + len(c.get("heldout_runs", [])) for c in res["claims"].values())
+    assert res["cpu_hours_total"] == pytest.approx(n_runs * 3.0 / 3600, rel=TOL)
+    assert sorted(p.name for p in (root / "plots").iterdir()) == sorted(
+        ["moe_vs_dense.png", "lion_vs_adamw.png", "scaling_dense.png", "scaling_moe.png", "moe_law.png"])
+
+
+def test_report_runs_carry_their_overrides(report):
+    res, _ = report
+    s = _sweep("moe_vs_dense")
+    runs = res["claims"]["moe_vs_dense"]["runs"]
+    assert [r["name"] for r in runs] == [p.name for p in s.points]
+    assert [r["overrides"] for r in runs] == [dict(o.split("=", 1) for o in p.overrides) for p in s.points]
+    assert all(r["eval_split"] == "full" for r in runs)
+
+
+def test_report_refuses_a_claim_with_unfinished_runs(tmp_path, capsys):
+    missing = _sweep("lion_vs_adamw").points[3].name
+    _write_fixture(tmp_path, skip=missing)
+    rc = main(["report", "--claim", "lion_vs_adamw", "--workdir", str(tmp_path), "--out", str(tmp_path / "r.json"),
+               "--plots", ""])
+    err = capsys.readouterr().err
+    assert rc == 2 and "1 of 16 points not done" in err and missing in err and "evidence_optim.yaml" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_docs_results_json_matches_the_sweeps():
+    """docs/results.json lists exactly the runs the sweep files expand to (once the study has been reported)."""
+    path = rp.REPO / "docs" / "results.json"
+    res = json.loads(path.read_text())
+    for name, c in res["claims"].items():
+        files = rp.CLAIMS[name]
+        if "runs" in files:
+            assert [r["name"] for r in c["runs"]] == [p.name for p in load_sweep(rp.SWEEPS / files["runs"]).points]
+        else:
+            assert [r["name"] for r in c["runs"]] == [p.name for p in load_sweep(rp.SWEEPS / files["fit"]).points]
+            assert [r["name"] for r in c["heldout_runs"]] == [p.name for p in load_sweep(rp.SWEEPS / files["heldout"]).points]
+        assert all(r["eval_split"] == "full" for r in c["runs"])
+
+
+# --- investigation: the MoE training path ---------------------------------------------------------
+
+
+def test_one_expert_top1_trains_exactly_like_dense():
+    """E=1, top-1, MoE in every layer, balance and z losses off, given the dense model's weights: 4 AdamW
+    steps give the dense model's losses and weights (the router's gate is 1 and gets no gradient)."""
+    import jax
+    import numpy as np
+
+    from moe.config import load_config
+    from moe.runtime.sharding import make_mesh
+    from moe.train import steps as train_steps
+    from tests.test_sharding import SMALL, _batch
+
+    common = SMALL[:-1] + ["mesh.data=1", "train.steps=4", "optim.warmup_steps=1"]
+    setups = {}
+    for name, ov in (("dense", ["model.num_experts=0"]),
+                     ("e1", ["model.num_experts=1", "model.top_k=1", "model.moe_every=1", "model.aux_loss_weight=0",
+                             "model.router_z_loss_weight=0", "model.capacity_factor=1.0"])):
+        cfg = load_config("configs/tiny.yaml", common + ov)
+        setups[name] = train_steps.build(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    dense = train_steps.init_state(setups["dense"])
+    moe = train_steps.init_state(setups["e1"])
+    p = jax.device_get(moe["params"])
+    ffn = jax.device_get(dense["params"])["blocks"]["layers"][0]["ffn"]
+    layer = p["blocks"]["layers"][0]
+    layer["ffn"] = {**layer["ffn"], "w_gate_EDF": ffn["w_gate_DF"][:, None], "w_up_EDF": ffn["w_up_DF"][:, None],
+                    "w_down_EFD": ffn["w_down_FD"][:, None]}
+    for k in ("attn", "attn_norm", "ffn_norm"):
+        layer[k] = jax.device_get(dense["params"])["blocks"]["layers"][0][k]
+    p["embed"], p["final_norm"] = (jax.device_get(dense["params"])[k] for k in ("embed", "final_norm"))
+    moe = dict(moe, params=p, opt_state=train_steps.fresh_opt_state(setups["e1"], p),
+               rng=jax.numpy.array(np.asarray(dense["rng"])))  # a copy: the dense steps donate their state
+    losses = {}
+    for name, state in (("dense", dense), ("e1", moe)):
+        step = train_steps.make_train_step(setups[name])
+        out = []
+        for i in range(4):
+            state, m = step(state, train_steps.device_batch(setups[name], _batch(i)))
+            out.append(float(m["loss"]))
+        losses[name] = (out, jax.device_get(state["params"]))
+    np.testing.assert_allclose(losses["e1"][0], losses["dense"][0], rtol=1e-4)
+    got = losses["e1"][1]["blocks"]["layers"][0]["ffn"]
+    want = losses["dense"][1]["blocks"]["layers"][0]["ffn"]
+    np.testing.assert_allclose(got["w_gate_EDF"][:, 0], want["w_gate_DF"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["w_down_EFD"][:, 0], want["w_down_FD"], rtol=1e-4, atol=1e-6)
+    assert losses["e1"][0][0] != losses["e1"][0][-1]  # it trained
