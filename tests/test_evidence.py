@@ -83,6 +83,34 @@ def test_expert_count_sweep():
     assert len({c.model.d_model for c in cfgs}) >= 2 and len(cfgs) == 10
 
 
+def test_investigation_sweep():
+    """One dense reference; 32 experts under each dispatch / balance setting named in docs/results.md; 8 both ways."""
+    s = _sweep("investigation")
+    cfgs = [_cfg(s, p) for p in s.points]
+    assert [c.model.num_experts for c in cfgs].count(0) == 1 and {c.train.steps for c in cfgs} == {600}
+    e32 = {(c.model.dispatch, c.model.capacity_factor if c.model.dispatch == "capacity" else None, c.model.aux_loss_weight,
+            c.model.router_z_loss_weight, c.model.router_bias_update_rate) for c in cfgs if c.model.num_experts == 32}
+    assert e32 == {("capacity", 1.25, 0.01, 1e-3, 0.0), ("capacity", 2.0, 0.01, 1e-3, 0.0), ("capacity", 1.25, 0.0, 1e-3, 1e-3),
+                   ("dropless", None, 0.01, 1e-3, 0.0), ("dropless", None, 0.0, 1e-3, 0.0), ("dropless", None, 0.1, 1e-3, 0.0),
+                   ("dropless", None, 0.01, 0.0, 0.0)}
+    assert sorted(c.model.dispatch for c in cfgs if c.model.num_experts == 8) == ["capacity", "dropless"]
+
+
+def test_expert_norms_per_expert_over_the_three_weights():
+    import numpy as np
+
+    from moe.eval.experts import expert_norms
+
+    rng = np.random.default_rng(0)
+    g = {"w_gate_EDF": rng.normal(size=(2, 4, 3, 5)), "w_up_EDF": rng.normal(size=(2, 4, 3, 5)),
+         "w_down_EFD": rng.normal(size=(2, 4, 5, 3)), "w_router_DE": rng.normal(size=(2, 3, 4))}
+    grads = {"blocks": {"moe": g}, "embed": rng.normal(size=(7, 3))}
+    want = np.sqrt(sum(np.sum(g[k] ** 2, axis=(-2, -1)) for k in ("w_gate_EDF", "w_up_EDF", "w_down_EFD")))
+    np.testing.assert_allclose(expert_norms(grads), want, rtol=TOL)
+    with pytest.raises(ValueError, match="no MoE layer"):
+        expert_norms({"embed": grads["embed"]})
+
+
 # --- the report from a fixture of finished runs ----------------------------------------------------
 
 LAW = {"E": 2.0, "A": 40.0, "B": 300.0, "alpha": 0.3, "beta": 0.35}
@@ -117,6 +145,26 @@ def _write_fixture(root, *, skip: str = ""):
                     "flops": flops_per_token(c.model, c.train.seq_len) * tokens, "eval_loss": 9.0, "wall_time_s": 1.0}))
                 (d / "point.json").write_text(json.dumps({"status": "done", "attempt_cpu_s": 2.0}))
                 (d / "eval_full.json").write_text(json.dumps({"loss": _fixture_loss(c, active, tokens), "eval_cpu_s": 1.0}))
+                if s.name == "evidence_investigation" and c.model.num_experts:
+                    _write_investigation_fixture(d, c)
+
+
+def _fixture_drop(cfg) -> float:
+    """Fixture: capacity runs drop 1 / capacity_factor - 0.5 of their assignments, dropless runs none."""
+    return 1 / cfg.model.capacity_factor - 0.5 if cfg.model.dispatch == "capacity" else 0.0
+
+
+def _write_investigation_fixture(d, cfg):
+    e = cfg.model.num_experts
+    (d / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": step, "loss": 5.0, "tokens_per_sec": 1.0, "drop_fraction": _fixture_drop(cfg) * f,
+         "load_imbalance": [1 + f, 2 * f], "router_entropy": 3.0, "aux_loss": 1.0, "grad_norm": 0.5}) + "\n"
+        for step, f in ((25, 2.0), (600, 1.0))))
+    grad = [[1.0] * (e - 1) + [3.0]]
+    (d / rp.EXPERTS_FILE).write_text(json.dumps({
+        "step": 600, "drop_fraction": _fixture_drop(cfg), "grad_norm": grad, "load": [[1 / e] * e],
+        "grad_norm_max_over_mean": 3.0 * e / (e + 2), "grad_norm_min_over_mean": e / (e + 2), "load_max_over_mean": 1.0,
+        "experts_without_gradient": 0}))
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +199,28 @@ def test_report_headline_numbers(report):
     n_runs = sum(len(c["runs"]) + len(c.get("heldout_runs", [])) for c in res["claims"].values())
     assert res["cpu_hours_total"] == pytest.approx(n_runs * 3.0 / 3600, rel=TOL)
     assert sorted(p.name for p in (root / "plots").iterdir()) == sorted(
-        ["moe_vs_dense.png", "lion_vs_adamw.png", "scaling_dense.png", "scaling_moe.png", "moe_law.png"])
+        ["moe_vs_dense.png", "lion_vs_adamw.png", "scaling_dense.png", "scaling_moe.png", "moe_law.png",
+         "investigation.png"])
+
+
+def test_report_investigation(report):
+    """Each run against the one dense reference; MoE runs carry their logged curves and expert diagnostics."""
+    res, _ = report
+    inv, s = res["claims"]["investigation"], _sweep("investigation")
+    assert [r["name"] for r in inv["runs"]] == [p.name for p in s.points]
+    dense = inv["dense_loss"]
+    for r, p in zip(inv["runs"], s.points):
+        c = _cfg(s, p)
+        assert r["vs_dense"] == pytest.approx(r["eval_loss"] - dense, abs=TOL)
+        assert res["headline"]["investigation_vs_dense"][r["name"]] == pytest.approx(r["vs_dense"], abs=TOL)
+        if not c.model.num_experts:
+            assert r["vs_dense"] == 0 and "curves" not in r
+            continue
+        (s0, d0), (s1, d1) = r["curves"]["drop_fraction"]
+        assert (s0, s1) == (25, 600) and d0 == pytest.approx(2 * _fixture_drop(c)) and d1 == pytest.approx(_fixture_drop(c))
+        assert r["curves"]["load_imbalance"] == [[25, 4.0], [600, 2.0]]  # the worst layer of each step
+        assert r["experts"]["drop_fraction"] == pytest.approx(_fixture_drop(c))
+        assert len(r["experts"]["grad_norm"][0]) == c.model.num_experts
 
 
 def test_report_runs_carry_their_overrides(report):

@@ -179,6 +179,30 @@ def _plot_moe_law(c: dict, path: str) -> str:
     return _save(fig, path)
 
 
+def _plot_investigation(c: dict, path: str) -> str:
+    """Drop fraction and load max/mean over training per MoE run, and each run's loss minus the dense one's."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    moe_runs = [r for r in c["runs"] if "curves" in r]
+    for r, col in zip(moe_runs, plt.cm.tab10(np.arange(len(moe_runs)))):
+        label = r["name"].split("-s0", 1)[-1].lstrip("-") or r["name"]
+        label = f"e{r['E']} {label}"
+        for ax, key in zip(axes[:2], ("drop_fraction", "load_imbalance")):
+            pts = r["curves"][key]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=col, lw=1.2, label=label)
+    axes[0].set(xlabel="step", ylabel="assignments dropped (worst layer)", title="drop fraction over training")
+    axes[1].set(xlabel="step", ylabel="max / mean expert load (worst layer)", yscale="log", title="load over training")
+    axes[0].legend(fontsize=6)
+    names = [r["name"].replace("d64-l4-", "").replace("-tok1.23M-lr3e-3-s0", "") for r in c["runs"]]
+    axes[2].barh(range(len(names)), [r["vs_dense"] for r in c["runs"]], color="tab:blue")
+    axes[2].set_yticks(range(len(names)), names, fontsize=6)
+    axes[2].axvline(0, color="k", lw=0.8)
+    axes[2].set(xlabel="eval loss minus the dense reference's (nats)", title="end of training")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_report(report: dict, outdir: str) -> list[str]:
     """One figure per claim present in the report; returns the PNG paths written."""
     c, out = report["claims"], []
@@ -191,4 +215,6 @@ def plot_report(report: dict, outdir: str) -> list[str]:
             out.append(_plot_scaling(c[f], f"Chinchilla approach 3, {f.split('_')[1]} family", storage.join(outdir, f"{f}.png")))
     if "moe_law" in c:
         out.append(_plot_moe_law(c["moe_law"], storage.join(outdir, "moe_law.png")))
+    if "investigation" in c:
+        out.append(_plot_investigation(c["investigation"], storage.join(outdir, "investigation.png")))
     return out

@@ -15,6 +15,10 @@ Claims (the sweep files name the runs; every loss is eval.py's on the full valid
     scaling_dense, scaling_moe   Chinchilla approach 3 on the fit sweep, then each held-out run's predicted vs
                    measured loss (`prediction_error` = predicted / measured - 1)
     moe_law        Clark et al.'s law over E (num_experts 0 = dense = E 1) at several sizes
+    investigation  the MoE training path: dispatch (capacity factor, dropless), balance loss, z-loss, bias; per
+                   run the loss minus the dense reference's (`vs_dense`), the drop fraction / load max/mean /
+                   router entropy over training (metrics.jsonl) and each expert's gradient norm at the end
+                   (moe.eval.experts -> experts.json, computed by `--run`)
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from pathlib import Path
 
 from moe.runtime import storage
 from moe.scaling import fit as sf
+from moe.scaling.compare import _series
+from moe.scaling.points import read_json
+from moe.train.metrics import read_metrics
 from moe.scaling.sweep import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +43,10 @@ CLAIMS = {  # claim -> the sweep files it reads, by role
     "scaling_dense": {"fit": "evidence_scaling_dense.yaml", "heldout": "evidence_heldout_dense.yaml"},
     "scaling_moe": {"fit": "evidence_scaling_moe.yaml", "heldout": "evidence_heldout_moe.yaml"},
     "moe_law": {"runs": "evidence_experts.yaml"},
+    "investigation": {"runs": "evidence_investigation.yaml"},
 }
+EXPERTS_FILE = "experts.json"  # per run of the investigation: `python -m moe.eval.experts` on its last checkpoint
+CURVE_KEYS = ("loss", "drop_fraction", "load_imbalance", "router_entropy", "aux_loss", "grad_norm")
 TARGETS = {"moe_minus_dense": -0.03, "prediction_error": 0.02}  # the issue's bars: MoE >= 0.03 below; within 2%
 
 
@@ -49,7 +59,8 @@ def _settings(point_overrides) -> dict[str, str]:
 
 
 def _rows(sweep_file: str, root: str) -> tuple[object, list[dict]]:
-    """The sweep and its collected rows, each with its point's overrides as `settings`; every point must be done."""
+    """The sweep and its collected rows, each with its point's overrides as `settings` and its folder as `dir`;
+    every point must be done."""
     from moe.scaling.runner import collect
 
     sweep = load_sweep(SWEEPS / sweep_file)
@@ -60,6 +71,7 @@ def _rows(sweep_file: str, root: str) -> tuple[object, list[dict]]:
                           f"run `python -m moe.scaling run configs/sweeps/{sweep_file}`")
     for r, p in zip(rows, sweep.points):
         r["settings"] = _settings(p.overrides)
+        r["dir"] = storage.join(root, sweep.name, p.name)
     return sweep, rows
 
 
@@ -151,6 +163,28 @@ def moe_law(rows: list[dict]) -> dict:
     return {"fit": fit, "points": resid, "runs": [_run_entry(r) for r in rows]}
 
 
+def investigation(rows: list[dict]) -> dict:
+    """Each run's loss against the dense reference's, its routing curves and its experts' gradient norms."""
+    dense = [r for r in rows if _variant(r) == "dense"]
+    if len(dense) != 1:
+        raise ReportError(f"investigation: needs exactly one dense reference run, got {len(dense)}")
+    ref = dense[0]["eval_loss"]
+    runs = []
+    for r in rows:
+        entry = {**_run_entry(r), "vs_dense": r["eval_loss"] - ref}
+        if _variant(r) != "dense":
+            logged = [x for x in read_metrics(r["dir"]) if "tokens_per_sec" in x]  # training records
+            entry["curves"] = {k: sorted(_series(logged, k).items()) for k in CURVE_KEYS}  # [[step, value], ...]
+            diag = read_json(storage.join(r["dir"], EXPERTS_FILE))
+            if diag is None:
+                raise ReportError(f"investigation: {r['name']} has no {EXPERTS_FILE}; run the claim with --run")
+            entry["experts"] = {k: diag[k] for k in ("step", "drop_fraction", "grad_norm_max_over_mean",
+                                                     "grad_norm_min_over_mean", "load_max_over_mean",
+                                                     "experts_without_gradient", "grad_norm", "load")}
+        runs.append(entry)
+    return {"dense_loss": ref, "vs_dense": {r["name"]: r["vs_dense"] for r in runs}, "runs": runs}
+
+
 # --- the report ------------------------------------------------------------------------------------
 
 
@@ -162,7 +196,8 @@ def claim(name: str, root: str, *, bootstrap: int = 100) -> dict:
         out = scaling(fr, hr, bootstrap=bootstrap)
     else:
         _, rows = _rows(files["runs"], root)
-        out = {"moe_vs_dense": moe_vs_dense, "lion_vs_adamw": lion_vs_adamw, "moe_law": moe_law}[name](rows)
+        out = {"moe_vs_dense": moe_vs_dense, "lion_vs_adamw": lion_vs_adamw, "moe_law": moe_law,
+               "investigation": investigation}[name](rows)
     runs = out["runs"] + out.get("heldout_runs", [])
     cpu = [r["cpu_s"] for r in runs]
     out.update(sweeps={role: f"configs/sweeps/{f}" for role, f in files.items()},
@@ -180,6 +215,13 @@ def run_claim(name: str, root: str) -> list[str]:
         sweep = load_sweep(SWEEPS / f)
         if run_sweep(sweep, storage.join(root, sweep.name)):
             failed.append(f)
+        elif name == "investigation":
+            from moe.eval.experts import diagnose
+
+            for p in sweep.points:
+                d = storage.join(root, sweep.name, p.name)
+                if "model.num_experts=0" not in p.overrides and not storage.isfile(storage.join(d, EXPERTS_FILE)):
+                    write(diagnose(d), storage.join(d, EXPERTS_FILE))
     return failed
 
 
@@ -191,6 +233,8 @@ def headline(report: dict) -> dict:
         out["moe_minus_dense"] = c["moe_vs_dense"]["moe_minus_dense"]
     if "lion_vs_adamw" in c:
         out["lion_minus_adamw"] = c["lion_vs_adamw"]["lion_minus_adamw"]
+    if "investigation" in c:
+        out["investigation_vs_dense"] = c["investigation"]["vs_dense"]
     errs = {f: c[f]["prediction_error"] for f in ("scaling_dense", "scaling_moe") if f in c}
     if errs:
         out["prediction_error"] = errs
@@ -245,6 +289,13 @@ def summary(report: dict) -> str:
             lines += [f"  held out {h['name']} ({h['compute_vs_largest_fitted']:.1f}x the largest fitted compute): "
                       f"predicted {h['predicted']:.4f}, measured {h['measured']:.4f}, error {h['prediction_error']:+.2%}"
                       for h in c[f]["heldout"]]
+    if "investigation" in c:
+        lines.append(f"investigation (eval loss minus the dense reference's {c['investigation']['dense_loss']:.4f}):")
+        for r in c["investigation"]["runs"]:
+            x = r.get("experts")
+            lines.append(f"  {r['name']}: {r['vs_dense']:+.4f}" + (
+                f"  drop {x['drop_fraction']:.3f}, load max/mean {x['load_max_over_mean']:.2f}, expert grad norm "
+                f"min/mean {x['grad_norm_min_over_mean']:.2f} max/mean {x['grad_norm_max_over_mean']:.2f}" if x else ""))
     if "moe_law" in c:
         p = c["moe_law"]["fit"]["params"]
         lines.append(f"moe_law: log10 L = {p['a']:.4f} log10 N + {p['b']:.4f} log10 E^ + {p['c']:.4f} log10 N log10 E^ + {p['d']:.4f}")
