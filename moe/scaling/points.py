@@ -12,7 +12,8 @@ plus:
 
 State, in this order: `done` (summary.json says done -- the skip rule), `failed` / `interrupted` (the last
 attempt's point.json), `running` (an attempt started and has not recorded an end: a live run, or one whose
-machine died; `last_step` says how far its metrics got), `not started`.
+machine died; `last_step` says how far its metrics got), `not started`. `collect` reads every point of a sweep
+back as one row of the results table (moe/scaling/runner.py writes it; moe/scaling/report.py reads it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from moe.config import ConfigError, apply_overrides, from_dict, is_moe, read_preset
 from moe.runtime import storage
 from moe.scaling.sweep import Point, Sweep
 
@@ -222,3 +224,51 @@ def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
     return str(v)
+
+
+# --- the results table (`collect`; moe/scaling/runner.py writes it) -------------------------------------
+
+COLUMNS = ("name", "status", "size", "N_total", "N_active", "E", "tokens", "flops", "eval_loss", "bits_per_byte",
+           "wall_time_s", "cpu_s", "eval_split", "budget_tokens", "budget_flops")
+
+
+def collect(sweep: Sweep, workdir: str | os.PathLike) -> list[dict]:
+    """One row per point; N, E, tokens and FLOPs come from summary.json, the planned config otherwise.
+
+    eval_loss: with the sweep's `eval_full: true`, eval.py's on the full validation split (eval_full.json; a
+    finished point without one is `status: not evaluated` until `run` evaluates it); otherwise the
+    run's own final eval (train.eval_batches batches). cpu_s: the last training attempt's plus the eval's."""
+    base_tree = read_preset(sweep.base)
+    rows = []
+    for p in sweep.points:
+        tree = apply_overrides(base_tree, list(p.overrides))
+        row = dict.fromkeys(COLUMNS)
+        row.update(name=p.name, size=p.size, budget_tokens=p.budget_tokens, budget_flops=p.budget_flops)
+        try:
+            cfg = from_dict(tree)
+            row["E"] = cfg.model.num_experts if is_moe(cfg.model) else 1
+        except ConfigError:
+            cfg = None
+        run_dir = storage.join(workdir, p.name)
+        s = read_summary(run_dir)
+        if s and s.get("done"):
+            loss = s.get("eval_loss") if s.get("eval_loss") is not None else s.get("loss")
+            bpb, split, status = s.get("bits_per_byte"), "train.eval_batches", "done"
+            cpu = (read_json(storage.join(run_dir, "point.json")) or {}).get("attempt_cpu_s")
+            if sweep.eval_full:
+                ev = read_json(storage.join(run_dir, EVAL_FILE))
+                loss, bpb, split = (ev["loss"], ev.get("bits_per_byte"), "full") if ev else (None, None, None)
+                status = "done" if ev else "not evaluated"
+                cpu = cpu + ev.get("eval_cpu_s", 0.0) if ev and cpu is not None else cpu
+            row.update(status=status, N_total=s["params_total"], N_active=s["params_active"], tokens=s["tokens"],
+                       flops=s["flops"], eval_loss=loss, bits_per_byte=bpb, wall_time_s=s.get("wall_time_s"),
+                       cpu_s=cpu, eval_split=split)
+        else:
+            row["status"] = (read_json(storage.join(workdir, p.name, "point.json")) or {}).get("status", "pending")
+            if cfg is not None:
+                from moe.model.decoder import param_counts
+
+                row["N_total"], row["N_active"] = param_counts(cfg.model)
+                row["tokens"] = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+        rows.append(row)
+    return rows

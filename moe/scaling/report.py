@@ -2,7 +2,7 @@
 
 Owns: which sweep answers which claim (CLAIMS), the per-claim figures (means over seeds, best-vs-best, held-out
 predictions) and results.json. Runs points only through `moe.scaling.points.run_sweep`, reads them only through
-`moe.scaling.runner.collect`, fits only through `moe.scaling.fit`; docs/results.md is written from its output.
+`moe.scaling.points.collect`, fits only through `moe.scaling.fit`; docs/results.md is written from its output.
 
     python -m moe.scaling report --claim moe_vs_dense --run     # run (or resume) the claim's sweeps, then report
     python -m moe.scaling report                                # every claim from the finished runs -> results.json
@@ -31,7 +31,7 @@ from pathlib import Path
 from moe.runtime import storage
 from moe.scaling import fit as sf
 from moe.scaling.compare import _series
-from moe.scaling.points import read_json
+from moe.scaling.points import collect, read_json
 from moe.train.metrics import read_metrics
 from moe.scaling.sweep import load_sweep
 
@@ -61,8 +61,6 @@ def _settings(point_overrides) -> dict[str, str]:
 def _rows(sweep_file: str, root: str) -> tuple[object, list[dict]]:
     """The sweep and its collected rows, each with its point's overrides as `settings` and its folder as `dir`;
     every point must be done."""
-    from moe.scaling.runner import collect
-
     sweep = load_sweep(SWEEPS / sweep_file)
     rows = collect(sweep, storage.join(root, sweep.name))
     missing = [r["name"] for r in rows if r["status"] != "done"]

@@ -31,9 +31,9 @@ import sys
 from pathlib import Path
 
 import moe.scaling.sweep
-from moe.config import ConfigError, apply_overrides, from_dict, is_moe, read_preset
+from moe.config import ConfigError
 from moe.runtime import storage
-from moe.scaling.points import EVAL_FILE, _cell, read_json, read_summary, run_sweep  # noqa: F401 (run_sweep: the API)
+from moe.scaling.points import COLUMNS, _cell, collect, read_json, run_sweep  # noqa: F401 (collect, run_sweep: the API)
 from moe.scaling.sweep import Sweep, SweepError, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,52 +57,6 @@ def _rel(path: Path) -> str:
 
 
 # --- results table ---------------------------------------------------------------------------------
-
-COLUMNS = ("name", "status", "size", "N_total", "N_active", "E", "tokens", "flops", "eval_loss", "bits_per_byte",
-           "wall_time_s", "cpu_s", "eval_split", "budget_tokens", "budget_flops")
-
-
-def collect(sweep: Sweep, workdir: str | os.PathLike) -> list[dict]:
-    """One row per point; N, E, tokens and FLOPs come from summary.json, the planned config otherwise.
-
-    eval_loss: with the sweep's `eval_full: true`, eval.py's on the full validation split (eval_full.json; a
-    finished point without one is `status: not evaluated` until `run` evaluates it); otherwise the
-    run's own final eval (train.eval_batches batches). cpu_s: the last training attempt's plus the eval's."""
-    base_tree = read_preset(sweep.base)
-    rows = []
-    for p in sweep.points:
-        tree = apply_overrides(base_tree, list(p.overrides))
-        row = dict.fromkeys(COLUMNS)
-        row.update(name=p.name, size=p.size, budget_tokens=p.budget_tokens, budget_flops=p.budget_flops)
-        try:
-            cfg = from_dict(tree)
-            row["E"] = cfg.model.num_experts if is_moe(cfg.model) else 1
-        except ConfigError:
-            cfg = None
-        run_dir = storage.join(workdir, p.name)
-        s = read_summary(run_dir)
-        if s and s.get("done"):
-            loss = s.get("eval_loss") if s.get("eval_loss") is not None else s.get("loss")
-            bpb, split, status = s.get("bits_per_byte"), "train.eval_batches", "done"
-            cpu = (read_json(storage.join(run_dir, "point.json")) or {}).get("attempt_cpu_s")
-            if sweep.eval_full:
-                ev = read_json(storage.join(run_dir, EVAL_FILE))
-                loss, bpb, split = (ev["loss"], ev.get("bits_per_byte"), "full") if ev else (None, None, None)
-                status = "done" if ev else "not evaluated"
-                cpu = cpu + ev.get("eval_cpu_s", 0.0) if ev and cpu is not None else cpu
-            row.update(status=status, N_total=s["params_total"], N_active=s["params_active"], tokens=s["tokens"],
-                       flops=s["flops"], eval_loss=loss, bits_per_byte=bpb, wall_time_s=s.get("wall_time_s"),
-                       cpu_s=cpu, eval_split=split)
-        else:
-            row["status"] = (read_json(storage.join(workdir, p.name, "point.json")) or {}).get("status", "pending")
-            if cfg is not None:
-                from moe.model.decoder import param_counts
-
-                row["N_total"], row["N_active"] = param_counts(cfg.model)
-                row["tokens"] = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
-        rows.append(row)
-    return rows
-
 
 def write_table(rows: list[dict], workdir: str | os.PathLike) -> str:
     """Writes results.csv and results.md under workdir (a folder or a bucket); returns the markdown."""
