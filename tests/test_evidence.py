@@ -238,7 +238,7 @@ def test_report_refuses_a_claim_with_unfinished_runs(tmp_path, capsys):
     rc = main(["report", "--claim", "lion_vs_adamw", "--workdir", str(tmp_path), "--out", str(tmp_path / "r.json"),
                "--plots", ""])
     err = capsys.readouterr().err
-    assert rc == 2 and "1 of 22 points not done" in err and missing in err and "evidence_optim.yaml" in err
+    assert rc == 2 and "1 of 24 points not done" in err and missing in err and "evidence_optim.yaml" in err
     assert not (tmp_path / "r.json").exists()
 
 

@@ -22,9 +22,10 @@ def _done(rows: list[dict], n_key: str) -> list[dict]:
     return [r for r in rows if r["status"] == "done" and r["eval_loss"] is not None and r[n_key]]
 
 
-def _save(fig, path: str) -> str:
-    """Writes the figure (a local path or a bucket URL) and frees it (pyplot keeps every open figure alive)."""
-    fig.tight_layout()
+def _save(fig, path: str, rect=(0, 0, 1, 1)) -> str:
+    """Writes the figure (a local path or a bucket URL) and frees it (pyplot keeps every open figure alive);
+    `rect` is the part of the figure the axes are laid out in (room for a figure legend)."""
+    fig.tight_layout(rect=rect)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
@@ -179,28 +180,38 @@ def _plot_moe_law(c: dict, path: str) -> str:
     return _save(fig, path)
 
 
+_SHORT = (("dispatchcapacity-capacityfactor", "capacity "), ("dispatchdropless", "dropless"), ("auxlossweight", " aux "),
+          ("routerzlossweight", " z "), ("routerbiasupdaterate", " bias "), ("-", ""))
+
+
+def _short(run: dict) -> str:
+    """`e32 capacity 1.25 aux 0.0 bias 0.001` from an investigation run's name (its settings after the seed)."""
+    label = run["name"].split("-s0", 1)[-1]
+    for a, b in _SHORT:
+        label = label.replace(a, b)
+    return f"E {run['E']} {' '.join(label.split())}" if run["E"] > 1 else f"dense {' '.join(label.split())}"
+
+
 def _plot_investigation(c: dict, path: str) -> str:
     """Drop fraction and load max/mean over training per MoE run, and each run's loss minus the dense one's."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [1, 1, 1.1]})
     moe_runs = [r for r in c["runs"] if "curves" in r]
     for r, col in zip(moe_runs, plt.cm.tab10(np.arange(len(moe_runs)))):
-        label = r["name"].split("-s0", 1)[-1].lstrip("-") or r["name"]
-        label = f"e{r['E']} {label}"
         for ax, key in zip(axes[:2], ("drop_fraction", "load_imbalance")):
             pts = r["curves"][key]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=col, lw=1.2, label=label)
-    axes[0].set(xlabel="step", ylabel="assignments dropped (worst layer)", title="drop fraction over training")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=col, lw=1.2, label=_short(r))
+    axes[0].set(xlabel="step", ylabel="assignments dropped", title="drop fraction over training")
     axes[1].set(xlabel="step", ylabel="max / mean expert load (worst layer)", yscale="log", title="load over training")
-    axes[0].legend(fontsize=6)
-    names = [r["name"].replace("d64-l4-", "").replace("-tok1.23M-lr3e-3-s0", "") for r in c["runs"]]
-    axes[2].barh(range(len(names)), [r["vs_dense"] for r in c["runs"]], color="tab:blue")
-    axes[2].set_yticks(range(len(names)), names, fontsize=6)
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    axes[2].barh(range(len(c["runs"])), [r["vs_dense"] for r in c["runs"]], color="tab:blue")
+    axes[2].set_yticks(range(len(c["runs"])), [_short(r) for r in c["runs"]], fontsize=8)
     axes[2].axvline(0, color="k", lw=0.8)
-    axes[2].set(xlabel="eval loss minus the dense reference's (nats)", title="end of training")
+    axes[2].set(xlabel="eval loss minus the dense reference's (nats)", title="end of training (600 steps, seed 0)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save(fig, path, rect=(0, 0.1, 1, 1))
 
 
 def plot_report(report: dict, outdir: str) -> list[str]:
