@@ -1,8 +1,9 @@
 """The evidence report: the study's sweeps -> docs/results.json (and its figures) in one command.
 
 Owns: which sweep answers which claim (CLAIMS), the per-claim figures (means over seeds, best-vs-best, held-out
-predictions) and results.json. Runs points only through `moe.scaling.points.run_sweep`, reads them only through
-`moe.scaling.points.collect`, fits only through `moe.scaling.fit`; docs/results.md is written from its output.
+predictions) and results.json. Runs points only through `moe.scaling.points.run_sweep` (and the investigation's
+expert diagnostics through `moe.eval.experts`), reads them only through `moe.scaling.points.collect`, fits only
+through `moe.scaling.fit`; docs/results.md is written from its output.
 
     python -m moe.scaling report --claim moe_vs_dense --run     # run (or resume) the claim's sweeps, then report
     python -m moe.scaling report                                # every claim from the finished runs -> results.json
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from moe.runtime import storage
 from moe.scaling import fit as sf
+from moe.scaling import compare
 from moe.scaling.compare import _series
 from moe.scaling.points import collect, read_json
 from moe.train.metrics import read_metrics
@@ -84,7 +86,8 @@ def _variant(r: dict) -> str:
 
 
 def _mean_spread(xs: list[float]) -> dict:
-    return {"mean": statistics.fmean(xs), "spread": (max(xs) - min(xs)) / 2, "n": len(xs), "losses": xs}
+    mean, spread = compare._mean_spread(xs)  # spread: half the range, as `compare` reports it
+    return {"mean": mean, "spread": spread, "n": len(xs), "losses": xs}
 
 
 # --- claims ----------------------------------------------------------------------------------------
