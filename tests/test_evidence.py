@@ -40,14 +40,15 @@ def test_every_evidence_sweep_evaluates_on_the_full_validation_split():
 
 def test_moe_vs_dense_ladder():
     s = _sweep("moe_vs_dense")
-    assert len(s.points) == 18
+    assert len(s.points) == 24
     cfgs = [_cfg(s, p) for p in s.points]
     budgets = sorted({c.train.steps for c in cfgs})
     assert len(budgets) == 3 and budgets[-1] / budgets[0] >= 8
     for steps in budgets:
         at = [c for c in cfgs if c.train.steps == steps]
-        assert sorted(c.model.num_experts for c in at) == [0, 0, 8, 8, 32, 32]
-        assert sorted(c.train.seed for c in at) == [0, 0, 0, 1, 1, 1]
+        assert sorted(c.model.num_experts for c in at) == [0, 0, 8, 8, 32, 32, 32, 32]
+        assert sorted(c.model.router_z_loss_weight for c in at if c.model.num_experts == 32) == [0.0, 0.0, 1e-3, 1e-3]
+        assert sorted(c.train.seed for c in at) == [0] * 4 + [1] * 4
         assert all(c.model.top_k == 2 for c in at if c.model.num_experts)
         fpt = [flops_per_token(c.model, c.train.seq_len) for c in at]
         assert max(fpt) / min(fpt) - 1 < 0.01  # equal active FLOPs per token (the router's are the difference)
@@ -182,11 +183,11 @@ def report(tmp_path_factory):
 def test_report_headline_numbers(report):
     res, root = report
     h = res["headline"]
-    for v, off in (("e8", MOE_OFFSET[8]), ("e32", MOE_OFFSET[32])):
+    for v, off in (("e8", MOE_OFFSET[8]), ("e32", MOE_OFFSET[32]), ("e32-z0", MOE_OFFSET[32])):
         assert len(h["moe_minus_dense"][v]) == 3
         for got in h["moe_minus_dense"][v]:  # the fixture's law differs between variants only through N_active
             assert abs(got - off) < 0.01
-    assert res["claims"]["moe_vs_dense"]["met_at_two_largest_budgets"] == {"e8": True, "e32": True}
+    assert res["claims"]["moe_vs_dense"]["met_at_two_largest_budgets"] == {"e8": True, "e32": True, "e32-z0": True}
     opt = res["claims"]["lion_vs_adamw"]
     for model in ("dense", "e8"):
         assert opt["models"][model]["lion"]["best"]["lr"] == pytest.approx(4e-4)

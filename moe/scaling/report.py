@@ -80,9 +80,20 @@ def _run_entry(r: dict) -> dict:
     return {**{k: r[k] for k in keep}, "overrides": r["settings"]}
 
 
+ROUTER_TAGS = {"model.router_z_loss_weight": "z", "model.aux_loss_weight": "aux"}  # a router override names a variant
+
+
 def _variant(r: dict) -> str:
+    """dense, or e<E> with a tag per router setting the point overrides: e32, e32-z0 (router z-loss 0)."""
     e = int(r["settings"].get("model.num_experts", r["E"] if r["E"] != 1 else 0))
-    return "dense" if e == 0 or r["E"] == 1 else f"e{e}"
+    if e == 0 or r["E"] == 1:
+        return "dense"
+    tags = [f"{t}{float(r['settings'][k]):g}" for k, t in ROUTER_TAGS.items() if k in r["settings"]]
+    return "-".join([f"e{e}", *tags])
+
+
+def _variant_order(v: str) -> tuple[int, str]:
+    return int(v[1:].split("-")[0]), v
 
 
 def _mean_spread(xs: list[float]) -> dict:
@@ -109,7 +120,7 @@ def moe_vs_dense(rows: list[dict]) -> dict:
             entry[v] = {**_mean_spread([r["eval_loss"] for r in rs]),
                         "flops_per_token": statistics.fmean(r["flops"] / r["tokens"] for r in rs)}
         table.append(entry)
-    variants = sorted({_variant(r) for r in rows} - {"dense"}, key=lambda v: int(v[1:]))
+    variants = sorted({_variant(r) for r in rows} - {"dense"}, key=_variant_order)
     diff = {v: [e[v]["mean"] - e["dense"]["mean"] for e in table] for v in variants}
     top2 = {v: all(d <= TARGETS["moe_minus_dense"] for d in diff[v][-2:]) for v in variants}
     return {"budgets": table, "moe_minus_dense": diff, "target": TARGETS["moe_minus_dense"],
