@@ -10,7 +10,8 @@ through `moe.scaling.fit`; docs/results.md is written from its output.
 
 Claims (the sweep files name the runs; every loss is eval.py's on the full validation split, `eval_full: true`):
     moe_vs_dense   per token budget, the mean over seeds of each MoE variant minus the dense model's
-                   (`moe_minus_dense`); the variants have the dense model's active FLOPs per token
+                   (`moe_minus_dense`); the variants have the dense model's active FLOPs per token and are
+                   named by expert count and router overrides (e8, e32, e32-z0 = 32 experts, router z-loss 0)
     lion_vs_adamw  per model, the best Lion run minus the best AdamW run over their learning-rate grids
                    (`lion_minus_adamw`); a best lr at the edge of its grid is flagged
     scaling_dense, scaling_moe   Chinchilla approach 3 on the fit sweep, then each held-out run's predicted vs
