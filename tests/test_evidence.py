@@ -69,15 +69,27 @@ def test_optimizer_grids_follow_chen_et_al():
         assert all(within(wd_l / wd_a) for _, wd_l in grid["lion"] for _, wd_a in grid["adamw"])
 
 
-@pytest.mark.parametrize("family", ["dense", "moe"])
-def test_scaling_sweeps_and_held_out_runs(family):
-    fit, held = _sweep(f"scaling_{family}", "fit"), _sweep(f"scaling_{family}", "heldout")
-    cfgs = [_cfg(fit, p) for p in fit.points]
-    assert len(fit.points) >= 12 and len({c.model.d_model for c in cfgs}) >= 4 and len({c.train.steps for c in cfgs}) >= 3
-    assert all((c.model.num_experts > 0) == (family == "moe") for c in cfgs)
-    largest = max(_flops(fit, p) for p in fit.points)
+@pytest.mark.parametrize("claim", rp.SCALING_CLAIMS)
+def test_scaling_sweeps_and_held_out_runs(claim):
+    fit, held = _sweep(claim, "fit"), _sweep(claim, "heldout")
+    points = rp.fit_points(claim, fit)
+    cfgs = [_cfg(fit, p) for p in points]
+    assert len(points) >= 12 and len({c.model.d_model for c in cfgs}) >= 4 and len({c.train.steps for c in cfgs}) >= 3
+    assert all((c.model.num_experts > 0) == ("moe" in claim) for c in cfgs)
+    largest = max(_flops(fit, p) for p in points)
     assert len(held.points) >= 2
     assert all(_flops(held, p) >= 4 * largest for p in held.points)
+    if claim.endswith("_1epoch"):  # no held-out run sees more tokens than the fit's largest budget
+        tokens = lambda s, p: _cfg(s, p).train.steps * _cfg(s, p).train.batch_size * _cfg(s, p).train.seq_len  # noqa: E731
+        assert max(tokens(held, p) for p in held.points) <= max(tokens(fit, p) for p in points)
+
+
+def test_the_two_scaling_designs_share_their_fit_runs():
+    for family in ("dense", "moe"):
+        fit = _sweep(f"scaling_{family}", "fit")
+        multi, one = rp.fit_points(f"scaling_{family}", fit), rp.fit_points(f"scaling_{family}_1epoch", fit)
+        assert len(multi) == len(one) == 12 and len(set(multi) & set(one)) == 8
+        assert set(multi) | set(one) == set(fit.points)
 
 
 def test_expert_count_sweep():
@@ -194,16 +206,18 @@ def test_report_headline_numbers(report):
         assert opt["models"][model]["adamw"]["best"]["lr"] == pytest.approx(4e-3)
         assert not opt["models"][model]["lion"]["best_at_grid_edge"]
     assert h["lion_minus_adamw"] == pytest.approx({"dense": LION_OFFSET, "e8": LION_OFFSET}, abs=TOL)
-    for fam in ("scaling_dense", "scaling_moe"):  # runs on the exact law: the fit predicts the held-out runs
+    for fam in rp.SCALING_CLAIMS:  # runs on the exact law: the fit predicts the held-out runs
         c = res["claims"][fam]
         assert len(c["heldout"]) == 2 and all(x["compute_vs_largest_fitted"] >= 4 for x in c["heldout"])
         assert all(abs(e) < 1e-3 for e in h["prediction_error"][fam].values())
         assert c["fit"]["params"]["alpha"] == pytest.approx(LAW["alpha"], abs=0.01)
     assert res["claims"]["moe_law"]["fit"]["n_points"] == 10
-    n_runs = sum(len(c["runs"]) + len(c.get("heldout_runs", [])) for c in res["claims"].values())
-    assert res["cpu_hours_total"] == pytest.approx(n_runs * 3.0 / 3600, rel=TOL)
+    runs = {(r["sweep"], r["name"]) for c in res["claims"].values() for r in c["runs"] + c.get("heldout_runs", [])}
+    n_points = sum(len(load_sweep(rp.SWEEPS / f).points) for f in {f for fs in rp.CLAIMS.values() for f in fs.values()})
+    assert len(runs) == n_points  # a fit run two designs share is counted once
+    assert res["cpu_hours_total"] == pytest.approx(len(runs) * 3.0 / 3600, rel=TOL)
     assert sorted(p.name for p in (root / "plots").iterdir()) == sorted(
-        ["moe_vs_dense.png", "lion_vs_adamw.png", "scaling_dense.png", "scaling_moe.png", "moe_law.png",
+        ["moe_vs_dense.png", "lion_vs_adamw.png", *(f"{f}.png" for f in rp.SCALING_CLAIMS), "moe_law.png",
          "investigation.png"])
 
 
@@ -255,7 +269,7 @@ def test_docs_results_json_matches_the_sweeps():
         if "runs" in files:
             assert [r["name"] for r in c["runs"]] == [p.name for p in load_sweep(rp.SWEEPS / files["runs"]).points]
         else:
-            assert [r["name"] for r in c["runs"]] == [p.name for p in load_sweep(rp.SWEEPS / files["fit"]).points]
+            assert [r["name"] for r in c["runs"]] == [p.name for p in rp.fit_points(name, load_sweep(rp.SWEEPS / files["fit"]))]
             assert [r["name"] for r in c["heldout_runs"]] == [p.name for p in load_sweep(rp.SWEEPS / files["heldout"]).points]
         assert all(r["eval_split"] == "full" for r in c["runs"])
 

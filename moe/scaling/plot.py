@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 
 from moe.runtime import storage  # noqa: E402
 from moe.scaling.fit import chinchilla_loss  # noqa: E402
+from moe.scaling.report import FIT_TOKENS, SCALING_CLAIMS  # noqa: E402
 
 
 def _done(rows: list[dict], n_key: str) -> list[dict]:
@@ -153,11 +154,11 @@ def _plot_scaling(c: dict, title: str, path: str) -> str:
         ax.plot(n, [r["eval_loss"] for r in pts], "o", color=col, label=f"fit, D={d:.3g}")
         grid = np.geomspace(n.min() / 1.5, n.max() * 2.5, 100)
         ax.plot(grid, chinchilla_loss(c["fit"]["params"], grid, d), "-", color=col, lw=1)
-    for h in c["heldout"]:
+    for i, h in enumerate(c["heldout"]):
         ax.plot([h["N_active"]], [h["measured"]], "r*", ms=12)
         ax.plot([h["N_active"]], [h["predicted"]], "kx", ms=9)
         ax.annotate(f"D={h['tokens']:.3g}: {h['prediction_error']:+.1%}", (h["N_active"], h["measured"]),
-                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+                    fontsize=7, xytext=(-60, 8 + 10 * i), textcoords="offset points")  # stacked: runs may coincide
     ax.plot([], [], "r*", label="held out, measured")
     ax.plot([], [], "kx", label="held out, predicted")
     ax.set(xscale="log", xlabel="active parameters N", ylabel="eval loss, full validation split", title=title)
@@ -221,9 +222,11 @@ def plot_report(report: dict, outdir: str) -> list[str]:
         out.append(_plot_moe_vs_dense(c["moe_vs_dense"], storage.join(outdir, "moe_vs_dense.png")))
     if "lion_vs_adamw" in c:
         out.append(_plot_lion_vs_adamw(c["lion_vs_adamw"], storage.join(outdir, "lion_vs_adamw.png")))
-    for f in ("scaling_dense", "scaling_moe"):
+    for f in SCALING_CLAIMS:
         if f in c:
-            out.append(_plot_scaling(c[f], f"Chinchilla approach 3, {f.split('_')[1]} family", storage.join(outdir, f"{f}.png")))
+            lo, hi = FIT_TOKENS[f]
+            title = f"Chinchilla approach 3, {f.split('_')[1]} family, fit on D = {lo / 1e6:.2f}-{hi / 1e6:.2f}M"
+            out.append(_plot_scaling(c[f], title, storage.join(outdir, f"{f}.png")))
     if "moe_law" in c:
         out.append(_plot_moe_law(c["moe_law"], storage.join(outdir, "moe_law.png")))
     if "investigation" in c:
