@@ -1,6 +1,7 @@
 """The evidence study (docs/results.md): its sweep files expand to the runs the docs describe, and
 `python -m moe.scaling report` builds results.json from finished runs (a synthetic fixture: no training here)."""
 
+import dataclasses
 import json
 import math
 
@@ -90,6 +91,18 @@ def test_the_two_scaling_designs_share_their_fit_runs():
         multi, one = rp.fit_points(f"scaling_{family}", fit), rp.fit_points(f"scaling_{family}_1epoch", fit)
         assert len(multi) == len(one) == 12 and len(set(multi) & set(one)) == 8
         assert set(multi) | set(one) == set(fit.points)
+
+
+def test_lr_check_is_a_held_out_run_at_half_and_twice_the_lr():
+    """evidence_heldout_lr.yaml (docs/results.md, claim 3) changes nothing of its held-out run but optim.lr."""
+    check, held = load_sweep(rp.SWEEPS / "evidence_heldout_lr.yaml"), _sweep("scaling_dense_1epoch", "heldout")
+    ref = next(_cfg(held, p) for p in held.points if _cfg(held, p).model.d_model == 224)
+    lrs = []
+    for p in check.points:
+        c = _cfg(check, p)
+        lrs.append(c.optim.lr / ref.optim.lr)
+        assert c.model == ref.model and c.train == ref.train and dataclasses.replace(c.optim, lr=ref.optim.lr) == ref.optim
+    assert sorted(lrs) == pytest.approx([0.5, 2.0], rel=TOL) and check.eval_full
 
 
 def test_expert_count_sweep():
