@@ -18,7 +18,7 @@ TOL = 1e-5
 
 
 def _sweep(claim: str, role: str = "runs"):
-    return load_sweep(rp.SWEEPS / rp.CLAIMS[claim][role])
+    return load_sweep(rp.SWEEPS / rp.CLAIMS[claim][role])  # the whole file (a fit sweep: both designs' points)
 
 
 def _cfg(sweep, point):
@@ -73,7 +73,7 @@ def test_optimizer_grids_follow_chen_et_al():
 @pytest.mark.parametrize("claim", rp.SCALING_CLAIMS)
 def test_scaling_sweeps_and_held_out_runs(claim):
     fit, held = _sweep(claim, "fit"), _sweep(claim, "heldout")
-    points = rp.fit_points(claim, fit)
+    points = rp.claim_sweep(claim, "fit").points
     cfgs = [_cfg(fit, p) for p in points]
     assert len(points) >= 12 and len({c.model.d_model for c in cfgs}) >= 4 and len({c.train.steps for c in cfgs}) >= 3
     assert all((c.model.num_experts > 0) == ("moe" in claim) for c in cfgs)
@@ -88,7 +88,7 @@ def test_scaling_sweeps_and_held_out_runs(claim):
 def test_the_two_scaling_designs_share_their_fit_runs():
     for family in ("dense", "moe"):
         fit = _sweep(f"scaling_{family}", "fit")
-        multi, one = rp.fit_points(f"scaling_{family}", fit), rp.fit_points(f"scaling_{family}_1epoch", fit)
+        multi, one = (rp.claim_sweep(f"scaling_{family}{d}", "fit").points for d in ("", "_1epoch"))
         assert len(multi) == len(one) == 12 and len(set(multi) & set(one)) == 8
         assert set(multi) | set(one) == set(fit.points)
 
@@ -282,7 +282,7 @@ def test_docs_results_json_matches_the_sweeps():
         if "runs" in files:
             assert [r["name"] for r in c["runs"]] == [p.name for p in load_sweep(rp.SWEEPS / files["runs"]).points]
         else:
-            assert [r["name"] for r in c["runs"]] == [p.name for p in rp.fit_points(name, load_sweep(rp.SWEEPS / files["fit"]))]
+            assert [r["name"] for r in c["runs"]] == [p.name for p in rp.claim_sweep(name, "fit").points]
             assert [r["name"] for r in c["heldout_runs"]] == [p.name for p in load_sweep(rp.SWEEPS / files["heldout"]).points]
         assert all(r["eval_split"] == "full" for r in c["runs"])
 

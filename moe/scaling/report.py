@@ -71,10 +71,10 @@ def _settings(point_overrides) -> dict[str, str]:
     return dict(o.split("=", 1) for o in point_overrides)
 
 
-def _rows(sweep_file: str, root: str, only=None) -> tuple[object, list[dict]]:
-    """The sweep (its points those `only` keeps) and its collected rows, each with its point's overrides as
-    `settings`, its folder as `dir` and its sweep's name as `sweep`; every point must be done."""
-    sweep = _sweep(sweep_file, only)
+def _rows(name: str, role: str, root: str) -> list[dict]:
+    """The collected rows of a claim's sweep (`claim_sweep`), each with its point's overrides as `settings`, its
+    folder as `dir` and its sweep's name as `sweep`; every point must be done."""
+    sweep, sweep_file = claim_sweep(name, role), CLAIMS[name][role]
     rows = collect(sweep, storage.join(root, sweep.name))
     missing = [r["name"] for r in rows if r["status"] != "done"]
     if missing:
@@ -84,22 +84,16 @@ def _rows(sweep_file: str, root: str, only=None) -> tuple[object, list[dict]]:
         r["settings"] = _settings(p.overrides)
         r["dir"] = storage.join(root, sweep.name, p.name)
         r["sweep"] = sweep.name
-    return sweep, rows
+    return rows
 
 
-def _sweep(sweep_file: str, only=None):
-    sweep = load_sweep(SWEEPS / sweep_file)
-    return dataclasses.replace(sweep, points=tuple(filter(only, sweep.points))) if only else sweep
-
-
-def _in_fit(name: str, point) -> bool:
+def claim_sweep(name: str, role: str):
+    """A claim's sweep for `role`; a scaling claim's fit sweep keeps only the points within its FIT_TOKENS."""
+    sweep = load_sweep(SWEEPS / CLAIMS[name][role])
+    if role != "fit":
+        return sweep
     lo, hi = FIT_TOKENS[name]
-    return lo <= point.budget_tokens <= hi
-
-
-def fit_points(name: str, sweep) -> list:
-    """The points of a scaling claim's fit sweep that its law is fitted on."""
-    return [p for p in sweep.points if _in_fit(name, p)]
+    return dataclasses.replace(sweep, points=tuple(p for p in sweep.points if lo <= p.budget_tokens <= hi))
 
 
 def _run_entry(r: dict) -> dict:
@@ -231,11 +225,9 @@ def investigation(rows: list[dict]) -> dict:
 def claim(name: str, root: str, *, bootstrap: int = 100) -> dict:
     files = CLAIMS[name]
     if name in SCALING_CLAIMS:
-        sweep, fr = _rows(files["fit"], root, only=lambda p: _in_fit(name, p))
-        _, hr = _rows(files["heldout"], root)
-        out = scaling(fr, hr, bootstrap=bootstrap)
+        out = scaling(_rows(name, "fit", root), _rows(name, "heldout", root), bootstrap=bootstrap)
     else:
-        _, rows = _rows(files["runs"], root)
+        rows = _rows(name, "runs", root)
         out = {"moe_vs_dense": moe_vs_dense, "lion_vs_adamw": lion_vs_adamw, "moe_law": moe_law,
                "investigation": investigation}[name](rows)
     runs = out["runs"] + out.get("heldout_runs", [])
@@ -252,7 +244,7 @@ def run_claim(name: str, root: str) -> list[str]:
 
     failed = []
     for role, f in CLAIMS[name].items():
-        sweep = _sweep(f, (lambda p: _in_fit(name, p)) if role == "fit" else None)
+        sweep = claim_sweep(name, role)
         if run_sweep(sweep, storage.join(root, sweep.name)):
             failed.append(f)
         elif name == "investigation":
