@@ -156,8 +156,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["builtin", "tfds", "files"] = f(
-        "builtin", "builtin (stdlib .py files) | tfds (a TFDS dataset) | files (local text/JSONL)")
+    source: Literal["builtin", "packages", "tfds", "files"] = f(
+        "builtin", "builtin (stdlib .py files) | packages (installed packages' .py files) | tfds (a TFDS dataset) | "
+        "files (local text/JSONL)")
+    packages: tuple[str, ...] = f((), "with source=packages: installed distributions whose .py sources (tests left "
+                                  "out) are the corpus, as name or name==version (a pin refuses another version)")
     tfds_name: str = f("", "with source=tfds: name[/config][:version], e.g. c4/en:3.1.0")
     data_dir: str = f("", "TFDS data dir (local path or gs:// bucket); \"\" = runs/_tfds", resume=True)
     files: tuple[str, ...] = f((), "with source=files: paths or globs of .txt / .jsonl files")
@@ -166,7 +169,7 @@ class DataConfig:
     eval_split: str = f("validation", "split to evaluate on")
     tokenizer: str = f("", "path or bucket URL (gs://...) of a SentencePiece .model; \"\" = train one on the "
                        "source and cache it ($MOE_CACHE_DIR, may be a bucket)")
-    validation_fraction: float = f(0.05, "builtin/files: fraction of documents held out (by a stable hash)",
+    validation_fraction: float = f(0.05, "builtin/packages/files: fraction of documents held out (by a stable hash)",
                                    Range(0, 1, lo_open=True, hi_open=True))
     shuffle_buffer: int = f(1024, "documents shuffled before packing (in addition to a global shuffle)", ATLEAST1)
     num_workers: int = f(0, "grain worker processes; 0 = read in the training process. Fixed for a run: each worker "
@@ -546,6 +549,8 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     _check(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name is required with data.source=tfds (e.g. c4/en:3.1.0)")
     _check(d.source != "files" or bool(d.files), "data.files is required with data.source=files (paths or globs)")
+    _check(d.source != "packages" or bool(d.packages),
+           "data.packages is required with data.source=packages (installed distributions, e.g. [numpy, scipy])")
 
 
 def check_placement(cfg: Config, *, processes: int = 1, mesh_shape: dict[str, int] | None = None,

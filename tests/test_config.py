@@ -84,6 +84,7 @@ BAD = [
     (["checkpoint.keep=0"], "checkpoint.keep", ">= 1"),
     (["mesh.data=-1", "mesh.fsdp=-1"], "mesh", "at most one"),
     (["data.source=tfds"], "data.tfds_name", "required"),
+    (["data.source=packages"], "data.packages", "required"),
     (["data.validation_fraction=1"], "data.validation_fraction", "(0, 1)"),
     (["model=3"], "'model'", "unknown config key"),
     (["train.batch_size"], "train.batch_size", "key.sub=value"),

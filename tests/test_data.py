@@ -223,3 +223,53 @@ def test_bad_data_gives_clear_errors(case, message, tok, tmp_path):
     with pytest.raises(DataError, match=message) as e:
         check_data(load_config("configs/tiny.yaml", BASE + over))
     assert "\n" not in str(e.value)
+
+
+def fake_distribution(site, version="1.0"):
+    """An installed distribution `fakepkg` under `site` (its dist-info RECORD lists what it installed): 30
+    modules, an empty __init__.py, and files the packages source leaves out (tests, vendored code, non-.py)."""
+    files = {f"fakepkg/mod_{i:02d}.py": f"def f{i}(x):\n    return x + {i}\n" for i in range(30)}
+    files |= {"fakepkg/__init__.py": "", "fakepkg/tests/test_mod.py": "def test(): pass\n",
+              "fakepkg/test_top.py": "def test(): pass\n", "fakepkg/conftest.py": "import pytest\n",
+              "fakepkg/_vendor/six.py": "six = 6\n", "fakepkg/core_test.py": "x = 1\n", "fakepkg/data.txt": "text\n",
+              "fakepkg/listed_not_installed.py": None}
+    info = site / f"fakepkg-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: fakepkg\nVersion: {version}\n")
+    (info / "RECORD").write_text("".join(f"{rel},,\n" for rel in files) + f"{info.name}/RECORD,,\n")
+    for rel, text in files.items():
+        if text is not None:
+            (site / rel).parent.mkdir(parents=True, exist_ok=True)
+            (site / rel).write_text(text)
+    return sorted(k for k, v in files.items() if v and "mod_" in k)
+
+
+def test_packages_source_reads_a_distributions_sources(tok, tmp_path, monkeypatch):
+    from moe.data.corpus import text_config
+
+    site = tmp_path / "site"
+    modules = fake_distribution(site)
+    monkeypatch.syspath_prepend(str(site))
+    over = BASE + ["data.source=packages", f"data.tokenizer={tok.path}", "data.validation_fraction=0.2",
+                   f"data.data_dir={tmp_path / 'tfds'}", "train.seq_len=16", "train.batch_size=4"]
+    cfg = load_config("configs/tiny.yaml", over + ["data.packages=[fakepkg==1.0]"])
+    check_data(cfg)
+    corpus = open_corpus(cfg)
+    keys = [corpus.source(s)[i]["key"].decode() for s in ("train", "validation") for i in range(corpus.num_documents(s))]
+    assert sorted(keys) == modules and corpus.num_documents("validation") > 0  # site-relative keys, no tests
+    assert corpus.skipped["train"] | corpus.skipped["validation"] == {"empty": ["fakepkg/__init__.py"]}
+    assert next(train_iterator(cfg, tok))["inputs"].shape == (4, 16)
+    # unpinned gives the same corpus; another installed version is another corpus, and a pin refuses it
+    assert text_config(load_config("configs/tiny.yaml", over + ["data.packages=[fakepkg]"])).name == corpus.builder.builder_config.name
+    fake_distribution(site, "1.1")
+    (site / "fakepkg-1.0.dist-info" / "RECORD").unlink()
+    (site / "fakepkg-1.0.dist-info" / "METADATA").unlink()
+    (site / "fakepkg-1.0.dist-info").rmdir()
+    unpinned = load_config("configs/tiny.yaml", over + ["data.packages=[fakepkg]"])
+    assert text_config(unpinned).name.startswith("packages_r") and text_config(unpinned).name != corpus.builder.builder_config.name
+    for packages, message in (("fakepkg==1.0", r"fakepkg 1.1 is installed but the config pins fakepkg==1.0; "
+                                               r"install the pinned version \(pip install 'fakepkg==1.0'\)"),
+                              ("no_such_pkg", "data.packages: 'no_such_pkg' is not installed")):
+        with pytest.raises(DataError, match=message) as e:
+            check_data(load_config("configs/tiny.yaml", over + [f"data.packages=[{packages}]"]))
+        assert "\n" not in str(e.value)

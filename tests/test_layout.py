@@ -77,6 +77,15 @@ def test_readme_names_the_entry_points():
     assert {"moe.bench", "moe.launch", "moe.scaling"} <= set(_documented_entry_points())
 
 
+def test_readme_config_reference_is_the_schema():
+    """README's config reference block is `moe.config.help_text()` verbatim (what `train.py --help` prints)."""
+    from moe.config import help_text
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### Config reference", 1)[1].split("```\n", 2)[1]
+    assert block == help_text().rstrip("\n") + "\n"
+
+
 @pytest.mark.parametrize("command", [["-m", m] for m in _documented_entry_points()] + [["train.py"], ["eval.py"]],
                          ids=lambda c: " ".join(c))
 def test_documented_command_runs_help(command):

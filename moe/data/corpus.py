@@ -1,24 +1,29 @@
-"""Text corpora as TFDS datasets: the built-in Python-stdlib corpus, local files, or any prepared TFDS dataset.
+"""Text corpora as TFDS datasets: the built-in Python-stdlib corpus, installed packages' sources, local files, or
+any prepared TFDS dataset.
 
 Owns: finding documents, building them once into a local TFDS dataset (ArrayRecord, so `tfds.data_source`
 and grain read it without TensorFlow), the stable train/validation split, counting the documents that are
 skipped (not UTF-8, empty, malformed JSON), and every "where is my data" error (`DataError`). Must not
 tokenize, shuffle or pack: that is `moe.data.pipeline`; the tokenizer lives in `moe.data.tokenizer`.
 
-    corpus = open_corpus(cfg)              # builds the builtin/files dataset on first use (~2 s)
+    corpus = open_corpus(cfg)              # builds the builtin/packages/files dataset on first use (~2 s)
     source = corpus.source("train")        # random-access records; corpus.text(record) -> str
 
 Sources (`data.source`):
   builtin  the running interpreter's stdlib `.py` files (tests, site-packages and generated tables left out),
            in sorted order; the dataset version is the Python version, so another interpreter rebuilds.
+  packages the `.py` files installed distributions list in their RECORD (`data.packages`: name or name==version;
+           tests, vendored copies and `__pycache__` left out), in sorted order; the dataset is keyed by the
+           names and installed versions, so upgrading a package rebuilds, and a pinned version that is not
+           the installed one is refused. ~46 MB of code for the 9 packages of configs/micro_pysrc.yaml, 18x builtin.
   files    `.txt` files (one document each) and `.jsonl` files (one document per line, field `data.text_key`);
            the dataset is keyed by a hash of the file list, sizes and mtimes, so editing a file rebuilds.
   tfds     `data.tfds_name` = name[/config][:version] already prepared under `data.data_dir`: ArrayRecord is
            read by random access (`source`); tfrecord is `streaming` and read in order through tf.data
            (`moe.data.tfrecord_source`), which needs the optional `tf` extra.
 
-The split is a stable hash (SHA-256) of each document's key (stdlib-relative path, file path, or
-`path:line` for JSONL), so adding a file never moves another between train and validation.
+The split is a stable hash (SHA-256) of each document's key (stdlib-relative path, the site-packages-relative
+path of a package file, file path, or `path:line` for JSONL), so adding a file never moves another between train and validation.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import dataclasses
 import fcntl
 import glob
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -49,8 +55,11 @@ SPLITS = ("train", "validation")
 # packages, IDLE, and machine-generated tables (codec maps, pydoc topics) that would teach nothing about code.
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "idlelib",
                               "pydoc_data", "encodings", "turtledemo", "__pycache__", "_bundled"})
+# Left out of the packages corpus as well: vendored third-party copies and test helpers inside packages.
+PACKAGE_SKIP_DIRS = STDLIB_SKIP_DIRS | {"testing", "_vendor", "vendor", "vendored", "third_party"}
 BUILDER_REVISION = 1  # builtin source: bump when the way its documents are generated changes (in its dataset name)
 FILES_REVISION = 2  # files source: 2 = JSONL text fields that are not strings are skipped, not str()-ed
+PACKAGES_REVISION = 1  # packages source: bump when PACKAGE_SKIP_DIRS or the test-file rule changes
 
 
 class DataError(ValueError):
@@ -69,6 +78,46 @@ def stdlib_files() -> tuple[Path, list[str]]:
         rel = Path(dirpath).relative_to(root)
         out += [str(rel / f) for f in filenames if f.endswith(".py")]
     return root, sorted(out)
+
+
+def _is_package_source(rel: str) -> bool:
+    parts = rel.split("/")
+    name = parts[-1]
+    return (name.endswith(".py") and not PACKAGE_SKIP_DIRS.intersection(parts[:-1]) and name != "conftest.py"
+            and not name.startswith("test_") and not name.endswith("_test.py"))
+
+
+def resolve_packages(specs: tuple[str, ...]) -> tuple[str, ...]:
+    """`data.packages` entries (name or name==version) -> sorted "name==installed version"; DataError when one
+    is not installed or a pinned version is not the installed one (another version is another corpus)."""
+    out = set()
+    for spec in specs:
+        name, sep, want = (x.strip() for x in spec.partition("=="))
+        try:
+            have = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise DataError(f"data.packages: '{name}' is not installed in this environment; install it "
+                            f"(pip install '{spec}') or remove it from data.packages") from None
+        if sep and want != have:
+            raise DataError(f"data.packages: {name} {have} is installed but the config pins {name}=={want}; "
+                            f"install the pinned version (pip install '{name}=={want}') or change the pin "
+                            "(another version is another corpus)")
+        out.add(f"{importlib.metadata.distribution(name).metadata['Name']}=={have}")
+    return tuple(sorted(out))
+
+
+def package_files(packages: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """Sorted (site-packages-relative path, file) of the `.py` sources the resolved `packages` install."""
+    found: dict[str, Path] = {}
+    for spec in packages:
+        dist = importlib.metadata.distribution(spec.partition("==")[0])
+        hits = {str(f): Path(dist.locate_file(f)) for f in dist.files or () if _is_package_source(str(f))}
+        hits = {rel: p for rel, p in hits.items() if p.is_file()}
+        if not hits:
+            raise DataError(f"data.packages: {spec} lists no installed .py sources in its RECORD (an editable "
+                            "install lists none); remove it from data.packages")
+        found.update(hits)
+    return sorted(found.items())
 
 
 def expand_files(patterns: tuple[str, ...]) -> list[Path]:
@@ -107,6 +156,10 @@ def _documents(config: TextConfig) -> Iterator[tuple[str, str | None, str]]:
         root, rels = stdlib_files()
         for rel in rels:
             yield rel, *_decode((root / rel).read_bytes())
+        return
+    if config.kind == "packages":
+        for rel, path in package_files(config.files):
+            yield rel, *_decode(path.read_bytes())
         return
     for path in map(Path, config.files):
         if path.suffix == ".txt":
@@ -147,8 +200,8 @@ def _decode(raw: bytes) -> tuple[str | None, str]:
 
 @dataclasses.dataclass(eq=False)
 class TextConfig(tfds.core.BuilderConfig):
-    kind: str = "builtin"  # builtin | files
-    files: tuple[str, ...] = ()  # resolved file paths (files)
+    kind: str = "builtin"  # builtin | files | packages
+    files: tuple[str, ...] = ()  # resolved file paths (files), or "name==version" per distribution (packages)
     text_key: str = "text"  # JSON field holding the text (files)
     validation_fraction: float = 0.05
 
@@ -184,7 +237,7 @@ class MoeText(tfds.core.GeneratorBasedBuilder):
 
 
 def text_config(cfg) -> TextConfig:
-    """The builder config (name and version = cache identity) for source builtin or files."""
+    """The builder config (name and version = cache identity) for source builtin, packages or files."""
     d = cfg.data
     val = f"val{round(d.validation_fraction * 10000):04d}"  # 0.05 -> val0500
     if d.source == "builtin":
@@ -192,6 +245,11 @@ def text_config(cfg) -> TextConfig:
         # The version is the interpreter's: another Python has another stdlib, hence another dataset.
         return TextConfig(name=f"stdlib_r{BUILDER_REVISION}_{val}", version=f"{v.major}.{v.minor}.{v.micro}",
                           kind="builtin", validation_fraction=d.validation_fraction)
+    if d.source == "packages":
+        packages = resolve_packages(d.packages)
+        h = hashlib.sha256(json.dumps(packages).encode()).hexdigest()[:16]
+        return TextConfig(name=f"packages_r{PACKAGES_REVISION}_{val}_{h}", version="1.0.0", kind="packages",
+                          files=packages, validation_fraction=d.validation_fraction)
     files = expand_files(d.files)
     h = hashlib.sha256(json.dumps([d.text_key, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
                        .encode()).hexdigest()[:16]
@@ -214,7 +272,7 @@ class Corpus:
     name: str  # e.g. moe_text/stdlib_r1_val0500:3.12.1 (also names the cached tokenizer)
     builder: Any  # tfds.core.DatasetBuilder
     text_key: str
-    skipped: dict[str, dict[str, list[str]]]  # split -> reason -> document keys (builtin/files only)
+    skipped: dict[str, dict[str, list[str]]]  # split -> reason -> document keys (builtin/packages/files only)
     streaming: bool = False  # tfrecord: no random access; moe.data.pipeline reads it through moe.data.tfrecord_source
 
     def check_split(self, split: str) -> None:
@@ -289,7 +347,7 @@ def _check_splits(config: TextConfig) -> None:
             skipped[why] += 1
         else:
             kept["validation" if is_validation(key, config.validation_fraction) else "train"] += 1
-    what = "data.files" if config.kind == "files" else "the stdlib corpus"
+    what = {"files": "data.files", "packages": "data.packages"}.get(config.kind, "the stdlib corpus")
     if not kept:
         raise DataError(f"{what}: no usable documents (skipped: {dict(skipped) or 'none found'}); "
                         "documents must be non-empty UTF-8 text")
@@ -339,7 +397,7 @@ def _open_tfds(cfg) -> Corpus:
 
 
 def open_corpus(cfg) -> Corpus:
-    """Opens the configured corpus, building builtin/files datasets on first use; raises DataError."""
+    """Opens the configured corpus, building builtin/packages/files datasets on first use; raises DataError."""
     if cfg.data.source == "tfds":
         return _open_tfds(cfg)
     return _build_local(cfg)

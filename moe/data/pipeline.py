@@ -215,7 +215,7 @@ def eval_batches(cfg, tok: Tokenizer, split: str | None = None, max_batches: int
 
 def check_data(cfg) -> None:
     """Fast checks before anything compiles: data present, splits non-empty, tokenizer loadable and of the
-    configured size. Builds the builtin/files dataset and trains their tokenizer on first use.
+    configured size. Builds the builtin/packages/files dataset and trains their tokenizer on first use.
 
     Raises DataError naming the key or file and the fix."""
     corpus = open_corpus(cfg)

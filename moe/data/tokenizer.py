@@ -2,7 +2,7 @@
 entry point for any tokenizer a run names (`data.tokenizer`: a SentencePiece `.model`, or a Hugging Face
 `tokenizer.json`, read by moe/data/hf_tokenizer.py behind the same interface).
 
-Owns: the tokenizer choices, the cached tokenizer of the builtin/files corpora, the vocab-size check and the
+Owns: the tokenizer choices, the cached tokenizer of the builtin/packages/files corpora, the vocab-size check and the
 tokenizer files of a workdir. Must not read batches or pack: that is `moe.data.pipeline`.
 
     python -m moe.data.tokenizer train --config configs/tiny.yaml [--out PATH] [key=value ...]
@@ -167,7 +167,7 @@ def train_tokenizer(cfg, out: str, max_bytes: int = MAX_TRAIN_BYTES) -> Tokenize
 
 
 def load_tokenizer(cfg) -> Tokenizer:
-    """`data.tokenizer` if set; else (builtin/files) the cached tokenizer of the corpus, trained on first use."""
+    """`data.tokenizer` if set; else (builtin/packages/files) the cached tokenizer of the corpus, trained on first use."""
     if cfg.data.tokenizer:
         tok = tokenizer_from_file(cfg.data.tokenizer)
     elif cfg.data.source == "tfds":
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a SentencePiece model on the configured source's train split")
     train.add_argument("--config", required=True, help="preset YAML, e.g. configs/tiny.yaml")
-    train.add_argument("--out", default="", help="output .model path (default: the cache path for builtin/files)")
+    train.add_argument("--out", default="", help="output .model path (default: the cache path for builtin/packages/files)")
     train.add_argument("--max-bytes", type=int, default=MAX_TRAIN_BYTES, help="text of the train split to read")
     train.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
