@@ -80,9 +80,17 @@ def test_scaling_sweeps_and_held_out_runs(claim):
     largest = max(_flops(fit, p) for p in points)
     assert len(held.points) >= 2
     assert all(_flops(held, p) >= 4 * largest for p in held.points)
+    tokens = lambda s, p: _cfg(s, p).train.steps * _cfg(s, p).train.batch_size * _cfg(s, p).train.seq_len  # noqa: E731
     if claim.endswith("_1epoch"):  # no held-out run sees more tokens than the fit's largest budget
-        tokens = lambda s, p: _cfg(s, p).train.steps * _cfg(s, p).train.batch_size * _cfg(s, p).train.seq_len  # noqa: E731
         assert max(tokens(held, p) for p in held.points) <= max(tokens(fit, p) for p in points)
+    if claim.endswith("_pysrc"):  # the packages corpus; held out beyond the fit in N *and* D, at tokens per
+        # parameter inside the fit's range
+        assert {_cfg(s, p).data.source for s in (fit, held) for p in s.points} == {"packages"}
+        n = lambda s, p: param_counts(_cfg(s, p).model)[1]  # noqa: E731 (active parameters)
+        ratio = [tokens(fit, p) / n(fit, p) for p in points]
+        for p in held.points:
+            assert n(held, p) > max(n(fit, q) for q in points) and tokens(held, p) > max(tokens(fit, q) for q in points)
+            assert min(ratio) <= tokens(held, p) / n(held, p) <= max(ratio)
 
 
 def test_the_two_scaling_designs_share_their_fit_runs():
@@ -225,6 +233,9 @@ def test_report_headline_numbers(report):
         assert all(abs(e) < 1e-3 for e in h["prediction_error"][fam].values())
         assert c["fit"]["params"]["alpha"] == pytest.approx(LAW["alpha"], abs=0.01)
     assert res["claims"]["moe_law"]["fit"]["n_points"] == 10
+    pinned = read_preset(rp.REPO / "configs" / "micro_pysrc.yaml")["data"]["packages"]
+    assert [res["claims"][f"scaling_{f}_pysrc"]["corpus"]["packages"] for f in ("dense", "moe")] == [pinned, pinned]
+    assert res["claims"]["moe_vs_dense"]["corpus"] == {"source": "builtin", "validation_fraction": 0.05}
     runs = {(r["sweep"], r["name"]) for c in res["claims"].values() for r in c["runs"] + c.get("heldout_runs", [])}
     n_points = sum(len(load_sweep(rp.SWEEPS / f).points) for f in {f for fs in rp.CLAIMS.values() for f in fs.values()})
     assert len(runs) == n_points  # a fit run two designs share is counted once
@@ -285,6 +296,8 @@ def test_docs_results_json_matches_the_sweeps():
             assert [r["name"] for r in c["runs"]] == [p.name for p in rp.claim_sweep(name, "fit").points]
             assert [r["name"] for r in c["heldout_runs"]] == [p.name for p in load_sweep(rp.SWEEPS / files["heldout"]).points]
         assert all(r["eval_split"] == "full" for r in c["runs"])
+        assert c["corpus"] == rp.corpus(name)
+    assert sorted(res["claims"]) == sorted(rp.CLAIMS)
 
 
 # --- investigation: the MoE training path ---------------------------------------------------------

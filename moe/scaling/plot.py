@@ -225,7 +225,9 @@ def plot_report(report: dict, outdir: str) -> list[str]:
     for f in SCALING_CLAIMS:
         if f in c:
             lo, hi = FIT_TOKENS[f]
-            title = f"Chinchilla approach 3, {f.split('_')[1]} family, fit on D = {lo / 1e6:.2f}-{hi / 1e6:.2f}M"
+            corpus = {"builtin": "stdlib", "packages": "packages"}.get(c[f].get("corpus", {}).get("source"), "")
+            title = (f"Chinchilla approach 3, {f.split('_')[1]} family, fit on D = {lo / 1e6:.2f}-{hi / 1e6:.2f}M"
+                     + (f" ({corpus} corpus)" if corpus else ""))
             out.append(_plot_scaling(c[f], title, storage.join(outdir, f"{f}.png")))
     if "moe_law" in c:
         out.append(_plot_moe_law(c["moe_law"], storage.join(outdir, "moe_law.png")))

@@ -16,7 +16,8 @@ Claims (the sweep files name the runs; every loss is eval.py's on the full valid
                    (`lion_minus_adamw`); a best lr at the edge of its grid is flagged
     scaling_dense, scaling_moe   Chinchilla approach 3 on the fit sweep's points within FIT_TOKENS, then each
                    held-out run's predicted vs measured loss (`prediction_error` = predicted / measured - 1);
-                   the *_1epoch claims are the same test with every run within one epoch of the corpus
+                   the *_1epoch claims are the same test with every run within one epoch of the corpus, the
+                   *_pysrc claims on a 6x larger corpus (configs/micro_pysrc.yaml), held out in N and D
     moe_law        Clark et al.'s law over E (num_experts 0 = dense = E 1) at several sizes
     investigation  the MoE training path: dispatch (capacity factor, dropless), balance loss, z-loss, bias; per
                    run the loss minus the dense reference's (`vs_dense`), the drop fraction / load max/mean /
@@ -32,6 +33,7 @@ import math
 import statistics
 from pathlib import Path
 
+from moe.config import from_dict, read_preset
 from moe.runtime import storage
 from moe.scaling import fit as sf
 from moe.scaling import compare
@@ -49,14 +51,18 @@ CLAIMS = {  # claim -> the sweep files it reads, by role
     "scaling_moe": {"fit": "evidence_scaling_moe.yaml", "heldout": "evidence_heldout_moe.yaml"},
     "scaling_dense_1epoch": {"fit": "evidence_scaling_dense.yaml", "heldout": "evidence_heldout_dense_1epoch.yaml"},
     "scaling_moe_1epoch": {"fit": "evidence_scaling_moe.yaml", "heldout": "evidence_heldout_moe_1epoch.yaml"},
+    "scaling_dense_pysrc": {"fit": "evidence_scaling_dense_pysrc.yaml", "heldout": "evidence_heldout_dense_pysrc.yaml"},
+    "scaling_moe_pysrc": {"fit": "evidence_scaling_moe_pysrc.yaml", "heldout": "evidence_heldout_moe_pysrc.yaml"},
     "moe_law": {"runs": "evidence_experts.yaml"},
     "investigation": {"runs": "evidence_investigation.yaml"},
 }
 # The scaling claims' fits: the fit sweep's points whose token budget lies in this range (both ends included).
 # The two designs share a fit sweep: 0.5-2 epochs of the built-in corpus with held-out runs on 2-2.7 epochs, or
-# at most one epoch (no token seen twice, as Hoffmann et al.) with held-out runs on exactly one.
+# at most one epoch (no token seen twice, as Hoffmann et al.) with held-out runs on exactly one. The third design
+# has its own corpus and fit sweeps (every point of them).
 FIT_TOKENS = {"scaling_dense": (1_228_800, 4_915_200), "scaling_moe": (1_228_800, 4_915_200),
-              "scaling_dense_1epoch": (614_400, 2_457_600), "scaling_moe_1epoch": (614_400, 2_457_600)}
+              "scaling_dense_1epoch": (614_400, 2_457_600), "scaling_moe_1epoch": (614_400, 2_457_600),
+              "scaling_dense_pysrc": (614_400, 2_457_600), "scaling_moe_pysrc": (614_400, 2_457_600)}
 SCALING_CLAIMS = tuple(FIT_TOKENS)
 EXPERTS_FILE = "experts.json"  # per run of the investigation: `python -m moe.eval.experts` on its last checkpoint
 CURVE_KEYS = ("loss", "drop_fraction", "load_imbalance", "router_entropy", "aux_loss", "grad_norm")
@@ -232,10 +238,22 @@ def claim(name: str, root: str, *, bootstrap: int = 100) -> dict:
                "investigation": investigation}[name](rows)
     runs = out["runs"] + out.get("heldout_runs", [])
     cpu = [r["cpu_s"] for r in runs]
-    out.update(sweeps={role: f"configs/sweeps/{f}" for role, f in files.items()},
+    out.update(corpus=corpus(name), sweeps={role: f"configs/sweeps/{f}" for role, f in files.items()},
                commands=[f"python -m moe.scaling report --claim {name} --run"],
                cpu_s=sum(cpu) if None not in cpu else None)
     return out
+
+
+def corpus(name: str) -> dict:
+    """The corpus a claim's runs train and evaluate on, from its sweeps' base preset: the source, and for the
+    packages source the pinned distributions (another version is another corpus)."""
+    bases = {load_sweep(SWEEPS / f).base for f in CLAIMS[name].values()}
+    data = [from_dict(read_preset(b)).data for b in sorted(bases)]
+    if len({(d.source, d.packages, d.files, d.tfds_name, d.validation_fraction) for d in data}) != 1:
+        raise ReportError(f"claim {name}: its sweeps' presets ({', '.join(map(str, sorted(bases)))}) name different corpora")
+    d = data[0]
+    out = {"source": d.source, "validation_fraction": d.validation_fraction}
+    return out | ({"packages": list(d.packages)} if d.source == "packages" else {})
 
 
 def run_claim(name: str, root: str) -> list[str]:
