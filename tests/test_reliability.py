@@ -7,7 +7,6 @@ steps compile once for both files. Figures are printed with -s.
 
 import json
 import logging
-import os
 import random
 import shutil
 import signal
@@ -25,7 +24,7 @@ from moe.config import ConfigError, load_config
 from moe.runtime.sharding import make_mesh
 from moe.train import integrity
 from moe.train import steps as train_steps
-from moe.train.checkpoint import Checkpointer, CheckpointError
+from moe.train.checkpoint import Checkpointer
 from moe.train.guards import MAX_ROLLBACKS_PER_STEP, Guard
 from test_faults import ENV, OVERRIDES, ckpt_steps, losses, reference, run, tiny  # noqa: F401 (fixture)
 

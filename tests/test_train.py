@@ -15,7 +15,6 @@ import math
 import pytest
 import yaml
 
-import train
 from moe.train import loop
 from moe import config
 from moe.train.checkpoint import Checkpointer

@@ -229,7 +229,6 @@ def investigation(rows: list[dict]) -> dict:
 
 
 def claim(name: str, root: str, *, bootstrap: int = 100) -> dict:
-    files = CLAIMS[name]
     if name in SCALING_CLAIMS:
         out = scaling(_rows(name, "fit", root), _rows(name, "heldout", root), bootstrap=bootstrap)
     else:
@@ -238,10 +237,14 @@ def claim(name: str, root: str, *, bootstrap: int = 100) -> dict:
                "investigation": investigation}[name](rows)
     runs = out["runs"] + out.get("heldout_runs", [])
     cpu = [r["cpu_s"] for r in runs]
-    out.update(corpus=corpus(name), sweeps={role: f"configs/sweeps/{f}" for role, f in files.items()},
-               commands=[f"python -m moe.scaling report --claim {name} --run"],
-               cpu_s=sum(cpu) if None not in cpu else None)
-    return out
+    return out | about(name) | {"cpu_s": sum(cpu) if None not in cpu else None}
+
+
+def about(name: str) -> dict:
+    """What a claim's entry says that comes from the repo's files, not from its runs: its corpus, its sweep files and
+    the command that reproduces it (refreshed for the claims a partial report keeps from results.json)."""
+    return {"corpus": corpus(name), "sweeps": {role: f"configs/sweeps/{f}" for role, f in CLAIMS[name].items()},
+            "commands": [f"python -m moe.scaling report --claim {name} --run"]}
 
 
 def corpus(name: str) -> dict:
@@ -292,8 +295,9 @@ def headline(report: dict) -> dict:
 
 
 def build(root: str, claims: list[str] | None = None, *, bootstrap: int = 100, previous: dict | None = None) -> dict:
-    """The report over `claims` (default all); claims not asked for are kept from `previous` (results.json)."""
-    report = {"claims": dict((previous or {}).get("claims", {}))}
+    """The report over `claims` (default all); claims not asked for are kept from `previous` (results.json), with
+    what `about` derives from the repo's files brought up to date; a claim CLAIMS no longer names is dropped."""
+    report = {"claims": {k: v | about(k) for k, v in (previous or {}).get("claims", {}).items() if k in CLAIMS}}
     for name in claims or list(CLAIMS):
         report["claims"][name] = claim(name, root, bootstrap=bootstrap)
     # A run two claims share (a fit sweep's point in both designs) ran once and is counted once.
