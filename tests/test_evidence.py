@@ -235,7 +235,7 @@ def test_report_headline_numbers(report):
         assert c["fit"]["params"]["alpha"] == pytest.approx(LAW["alpha"], abs=0.01)
     assert res["claims"]["moe_law"]["fit"]["n_points"] == 10
     pinned = read_preset(rp.REPO / "configs" / "micro_pysrc.yaml")["data"]["packages"]
-    assert res["claims"]["scaling_dense_pysrc"]["corpus"]["packages"] == pinned
+    assert [res["claims"][f"scaling_{f}_pysrc"]["corpus"]["packages"] for f in ("dense", "moe")] == [pinned, pinned]
     assert res["claims"]["moe_vs_dense"]["corpus"] == {"source": "builtin", "validation_fraction": 0.05}
     runs = {(r["sweep"], r["name"]) for c in res["claims"].values() for r in c["runs"] + c.get("heldout_runs", [])}
     n_points = sum(len(load_sweep(rp.SWEEPS / f).points) for f in {f for fs in rp.CLAIMS.values() for f in fs.values()})

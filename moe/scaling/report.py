@@ -16,8 +16,8 @@ Claims (the sweep files name the runs; every loss is eval.py's on the full valid
                    (`lion_minus_adamw`); a best lr at the edge of its grid is flagged
     scaling_dense, scaling_moe   Chinchilla approach 3 on the fit sweep's points within FIT_TOKENS, then each
                    held-out run's predicted vs measured loss (`prediction_error` = predicted / measured - 1);
-                   the *_1epoch claims are the same test with every run within one epoch of the corpus, and
-                   scaling_dense_pysrc on a 6x larger corpus (configs/micro_pysrc.yaml), held out in N and D
+                   the *_1epoch claims are the same test with every run within one epoch of the corpus, the
+                   *_pysrc claims on a 6x larger corpus (configs/micro_pysrc.yaml), held out in N and D
     moe_law        Clark et al.'s law over E (num_experts 0 = dense = E 1) at several sizes
     investigation  the MoE training path: dispatch (capacity factor, dropless), balance loss, z-loss, bias; per
                    run the loss minus the dense reference's (`vs_dense`), the drop fraction / load max/mean /
@@ -52,16 +52,17 @@ CLAIMS = {  # claim -> the sweep files it reads, by role
     "scaling_dense_1epoch": {"fit": "evidence_scaling_dense.yaml", "heldout": "evidence_heldout_dense_1epoch.yaml"},
     "scaling_moe_1epoch": {"fit": "evidence_scaling_moe.yaml", "heldout": "evidence_heldout_moe_1epoch.yaml"},
     "scaling_dense_pysrc": {"fit": "evidence_scaling_dense_pysrc.yaml", "heldout": "evidence_heldout_dense_pysrc.yaml"},
+    "scaling_moe_pysrc": {"fit": "evidence_scaling_moe_pysrc.yaml", "heldout": "evidence_heldout_moe_pysrc.yaml"},
     "moe_law": {"runs": "evidence_experts.yaml"},
     "investigation": {"runs": "evidence_investigation.yaml"},
 }
 # The scaling claims' fits: the fit sweep's points whose token budget lies in this range (both ends included).
 # The two designs share a fit sweep: 0.5-2 epochs of the built-in corpus with held-out runs on 2-2.7 epochs, or
 # at most one epoch (no token seen twice, as Hoffmann et al.) with held-out runs on exactly one. The third design
-# has its own corpus and fit sweep (every point of it; the dense family only so far).
+# has its own corpus and fit sweeps (every point of them).
 FIT_TOKENS = {"scaling_dense": (1_228_800, 4_915_200), "scaling_moe": (1_228_800, 4_915_200),
               "scaling_dense_1epoch": (614_400, 2_457_600), "scaling_moe_1epoch": (614_400, 2_457_600),
-              "scaling_dense_pysrc": (614_400, 2_457_600)}
+              "scaling_dense_pysrc": (614_400, 2_457_600), "scaling_moe_pysrc": (614_400, 2_457_600)}
 SCALING_CLAIMS = tuple(FIT_TOKENS)
 EXPERTS_FILE = "experts.json"  # per run of the investigation: `python -m moe.eval.experts` on its last checkpoint
 CURVE_KEYS = ("loss", "drop_fraction", "load_imbalance", "router_entropy", "aux_loss", "grad_norm")
