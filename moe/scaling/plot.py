@@ -154,14 +154,20 @@ def _plot_scaling(c: dict, title: str, path: str) -> str:
         ax.plot(n, [r["eval_loss"] for r in pts], "o", color=col, label=f"fit, D={d:.3g}")
         grid = np.geomspace(n.min() / 1.5, n.max() * 2.5, 100)
         ax.plot(grid, chinchilla_loss(c["fit"]["params"], grid, d), "-", color=col, lw=1)
-    for i, h in enumerate(c["heldout"]):
+    lines = []  # held-out runs may share N (two seeds, or equal N at other D): numbered, listed in a box
+    for i, h in enumerate(c["heldout"], 1):
         ax.plot([h["N_active"]], [h["measured"]], "r*", ms=12)
         ax.plot([h["N_active"]], [h["predicted"]], "kx", ms=9)
-        ax.annotate(f"D={h['tokens']:.3g}: {h['prediction_error']:+.1%}", (h["N_active"], h["measured"]),
-                    fontsize=7, xytext=(-60, 8 + 10 * i), textcoords="offset points")  # stacked: runs may coincide
+        ax.annotate(str(i), (h["N_active"], h["measured"]), fontsize=7, xytext=(6, -3 + 7 * (i % 2)),
+                    textcoords="offset points")
+        short = "-".join(p for p in h["name"].split("-") if not p.startswith(("numheads", "dff")))
+        lines.append(f"{i}: {short}: predicted {h['predicted']:.3f}, error {h['prediction_error']:+.1%}")
+    ax.text(0.02, 0.02, "\n".join(lines), transform=ax.transAxes, fontsize=5.5, va="bottom", family="monospace",
+            bbox=dict(boxstyle="round", fc="white", alpha=0.8))
     ax.plot([], [], "r*", label="held out, measured")
     ax.plot([], [], "kx", label="held out, predicted")
-    ax.set(xscale="log", xlabel="active parameters N", ylabel="eval loss, full validation split", title=title)
+    ax.set(xscale="log", xlabel="active parameters N", ylabel="eval loss, full validation split")
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
