@@ -292,6 +292,29 @@ def test_sigterm_at_any_moment_of_start_up_exits_75_with_a_message(tmp_path):
     print(f"\nstop signals during start-up -> exit 75: {len(results)} / {len(results)} ({results})")
 
 
+SIGNAL_AT_IMPORT = """import os, signal, sys
+target = sys.argv[1]
+sys.argv = ["train.py", "--workdir", *sys.argv[2:]]
+def hook(event, args):  # SIGINT to ourselves as `target` starts importing, once train.py's handler is in place
+    if event == "import" and args[0] == target and signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        os.kill(os.getpid(), signal.SIGINT)
+sys.addaudithook(hook)
+sys.path.insert(0, ".")
+import runpy
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("module", ["jaxlib._hlo", "numpy._core._exceptions", "google.protobuf.message"])
+def test_a_stop_signal_inside_an_import_waits_for_it_and_exits_75(module, tmp_path):
+    """jaxlib._hlo is imported by jaxlib._jax's (nanobind) initialisation: a `Preempted` raised inside it used
+    to surface as "ImportError: Encountered an error while initializing the extension" (exit 1), or as SIGABRT
+    (exit -6, seen once in CI). The others are imported from a Cython and a C extension's initialisation."""
+    out = subprocess.run([sys.executable, "-c", SIGNAL_AT_IMPORT, module, str(tmp_path / "w"), *OVERRIDES],
+                         capture_output=True, text=True, timeout=120, env=ENV, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == train.EXIT_PREEMPTED, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and out.stderr.strip().splitlines()[-1].startswith("stopped by SIGINT")
+
 def test_a_stop_signal_inside_a_del_prints_nothing_and_stops_at_the_next_check():
     """A signal whose handler runs inside `__del__` (or a gc callback, as XLA's is) cannot propagate: Python
     would print "Exception ignored in ..." with a traceback. It is kept and raised by `deferred` instead."""
